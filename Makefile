@@ -1,0 +1,63 @@
+# tinyllm — `make help` lists the targets. Everything installs into .venv/ by itself.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; on machines with a local wheel this is instant. GPU users: install
+# the torch build for their CUDA first (any version in pyproject's range is kept as it is).
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev train test test-all lint fmt bench tb clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Stamps make the installs idempotent: they rerun only when pyproject.toml changes.
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.runtime ## install tinyllm and its runtime dependencies into .venv/
+
+install-dev: $(VENV)/.dev ## install tinyllm with test/lint/benchmark extras
+
+train: install ## prepare the embedded corpus, train a small model on CPU, print a sample
+	$(BIN)/python -m tinyllm.train experiment=quickstart $(ARGS)
+	$(BIN)/python -m tinyllm.generate ckpt=latest prompt="def " max_new_tokens=200 temperature=0.8 top_k=50
+
+test: install-dev ## run the default test suite (under 15 minutes on 2 cores)
+	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+
+test-all: install-dev ## run every test, the slow ones too
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install-dev ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install-dev ## format the code with ruff
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install-dev ## run the benchmarks (JSON on stdout, side by side with peers)
+	$(BIN)/python benchmarks/tokenizer.py
+	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/generate.py
+
+tb: install ## TensorBoard over outputs/ (single runs and sweeps)
+	$(BIN)/tensorboard --logdir outputs
+
+clean: ## remove caches and build files (keeps .venv, data/, outputs/)
+	rm -rf build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
