@@ -1,0 +1,175 @@
+"""Self-describing checkpoints: weights + model config + tokenizer in one `.ckpt` file.
+
+A tinyllm checkpoint is a Lightning checkpoint whose `hyper_parameters` hold only plain values
+(`model_config`, `tokenizer`, ...), so `generate`, `export` and notebooks rebuild everything
+from the file alone: no conf/ tree, no data folder. State-dict keys are `model.<GPT key>`;
+keys written by a compiled model (`_orig_mod.`) are normalised away on load.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyllm.errors import TinyLLMError
+
+CKPT_FORMAT_VERSION = 1
+_PREFIX = "model."
+
+
+def _clean_key(key: str) -> str:
+    """`model._orig_mod.blocks.0...` -> `blocks.0...` (compile wrappers never reach the file)."""
+    key = key.replace("_orig_mod.", "")
+    return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Save to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file onto the CPU and check it is a tinyllm checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinyLLMError(
+            f"Checkpoint not found: '{path}'. Pass the path of a .ckpt written by "
+            "`python -m tinyllm.train` (e.g. outputs/<date>/<time>/checkpoints/last.ckpt), "
+            "or `ckpt=latest` for the newest run under outputs/."
+        )
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            # Lightning may store small non-tensor objects (callback states) that the safe
+            # unpickler refuses; our own files are trusted, so retry with the full unpickler.
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TinyLLMError(
+            f"Could not read checkpoint '{path}': {type(e).__name__}: {e}. The file is "
+            "truncated, corrupted or not a PyTorch checkpoint; point `ckpt=` at a complete "
+            ".ckpt file (checkpoints are written atomically, so last.ckpt of a run is safe)."
+        ) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "model_config" not in hp or "state_dict" not in ckpt:
+        raise TinyLLMError(
+            f"'{path}' is not a tinyllm checkpoint (no `hyper_parameters.model_config` or "
+            "`state_dict` inside). Use a checkpoint written by `python -m tinyllm.train` or "
+            "`tinyllm.checkpoint.save_checkpoint`."
+        )
+    version = hp.get("ckpt_format_version", CKPT_FORMAT_VERSION)
+    if version > CKPT_FORMAT_VERSION:
+        raise TinyLLMError(
+            f"'{path}' has checkpoint format version {version}, newer than this tinyllm "
+            f"understands ({CKPT_FORMAT_VERSION}). Upgrade tinyllm (git pull; make install)."
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>"):
+    """Build the GPT from a loaded checkpoint dict and load its weights (strict)."""
+    from tinyllm.model import GPT, ModelConfig
+
+    hp = ckpt["hyper_parameters"]
+    try:
+        config = ModelConfig.from_dict(hp["model_config"])
+        model = GPT(config)
+    except TinyLLMError as e:
+        raise TinyLLMError(
+            f"Checkpoint '{path}' holds a model config this version cannot build: {e}"
+        ) from None
+    state = {_clean_key(k): v for k, v in ckpt["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise TinyLLMError(
+            f"Checkpoint '{path}' does not match the model its config describes "
+            f"(missing keys: {list(missing)[:5]}, unexpected keys: {list(unexpected)[:5]}). "
+            "It was written by an incompatible tinyllm version or edited by hand; retrain, "
+            "or load it with the tinyllm version that wrote it."
+        )
+    return model
+
+
+def tokenizer_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>"):
+    from tinyllm.tokenizer import BPETokenizer
+
+    tok = ckpt["hyper_parameters"].get("tokenizer")
+    if not tok:
+        raise TinyLLMError(
+            f"Checkpoint '{path}' carries no tokenizer. It was saved without one (e.g. a "
+            "model trained outside `tinyllm.train`); re-save it with "
+            "`tinyllm.checkpoint.save_checkpoint(path, model, tokenizer)`."
+        )
+    return BPETokenizer.from_dict(tok)
+
+
+def load_checkpoint(path: str | Path, device: Any = "cpu"):
+    """`(model, tokenizer)` from a checkpoint alone; the model is in eval mode on `device`."""
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path)
+    tokenizer = tokenizer_from_checkpoint(ckpt, path)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Any = None, **extra):
+    """Write a checkpoint in the same layout as training does, without a Trainer.
+
+    `extra` goes into `hyper_parameters` (plain values only: e.g. `chat_template=...`).
+    """
+    import lightning
+
+    model = getattr(model, "_orig_mod", model)
+    hp: dict[str, Any] = {
+        "model_config": model.config.to_dict(),
+        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        "ckpt_format_version": CKPT_FORMAT_VERSION,
+    }
+    hp.update(extra)
+    ckpt = {
+        "state_dict": {_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "hyper_parameters": hp,
+        "pytorch-lightning_version": lightning.__version__,
+        "global_step": 0,
+        "epoch": 0,
+    }
+    atomic_torch_save(ckpt, path)
+
+
+def resolve_ckpt(spec: str | Path, search_root: str | Path = "outputs") -> Path:
+    """Turn `ckpt=` into a file: a .ckpt path, a run directory, or `latest`.
+
+    `latest` is the most recently written `checkpoints/last.ckpt` under `search_root`.
+    """
+    spec_s = str(spec)
+    if spec_s == "latest":
+        root = Path(search_root)
+        found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise TinyLLMError(
+                f"`ckpt=latest` found no checkpoints/last.ckpt under '{root}/'. Train a model "
+                "first (`make train` or `python -m tinyllm.train`), or pass `ckpt=PATH`."
+            )
+        return found[-1]
+    p = Path(spec_s)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if cand.is_file():
+                return cand
+        raise TinyLLMError(
+            f"'{p}' is a directory without checkpoints/last.ckpt. Pass the .ckpt file itself."
+        )
+    return p
