@@ -1,0 +1,207 @@
+"""Training callbacks: throughput/MFU, metrics.json, text samples, atomic checkpoint writes.
+
+Each callback does its work on rank zero only (files, printing) and stays off the hot path:
+throughput is measured with wall-clock time over windows of steps, without device syncs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+
+from tinyllm.checkpoint import atomic_torch_save
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary name and rename: a crash never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs train/tokens_per_s, train/tokens, train/mfu and grad norm, every `every` steps.
+
+    Time spent in validation is excluded, so tokens/s is the training speed alone.
+    """
+
+    def __init__(self, every: int = 10, peak_flops: float | None = None) -> None:
+        self.every = max(1, every)
+        self.peak_flops = peak_flops
+        self.train_time = 0.0  # seconds spent in training steps (validation excluded)
+        self._t0: float | None = None
+        self._tokens0 = 0
+        self._last_step = -1
+        self.last_tokens_per_s: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+            self._tokens0 = pl_module.tokens_seen
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every != 0 or self._t0 is None or step == self._last_step:
+            return  # (with gradient accumulation, several micro-batches share one step)
+        self._last_step = step
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # once per window, not per step
+        dt = time.perf_counter() - self._t0
+        tokens = pl_module.tokens_seen - self._tokens0
+        self.train_time += dt
+        self._t0, self._tokens0 = time.perf_counter(), pl_module.tokens_seen
+        if dt <= 0 or tokens <= 0:
+            return
+        tps = tokens / dt
+        self.last_tokens_per_s = tps
+        metrics = {"train/tokens_per_s": tps, "train/tokens": float(pl_module.tokens_seen)}
+        if self.peak_flops:
+            flops = pl_module.model.flops_per_token() * tps
+            metrics["train/mfu"] = flops / (self.peak_flops * trainer.world_size)
+        pl_module.log_dict(metrics, prog_bar=False, rank_zero_only=True)
+        pl_module.log("train/tok_s", tps, prog_bar=True, logger=False, rank_zero_only=True)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Close the current window so validation time does not count as training time.
+        if self._t0 is not None:
+            self.train_time += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step % self.every == 0:
+            norms = [p.grad.detach().norm(2) for p in pl_module.parameters() if p.grad is not None]
+            if norms:
+                pl_module.log("train/grad_norm", torch.stack(norms).norm(2), rank_zero_only=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_time": self.train_time}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_time = float(state_dict.get("train_time", 0.0))
+
+
+class MetricsFile(L.Callback):
+    """Keeps `<run_dir>/metrics.json` up to date: status, final figures and the val history."""
+
+    def __init__(self, run_dir: str | Path, throughput: ThroughputMonitor, extra: dict) -> None:
+        self.path = Path(run_dir) / "metrics.json"
+        self.throughput = throughput
+        self.extra = extra
+        self.history: list[dict[str, float]] = []
+        self.t_start = time.time()
+        self.data: dict[str, Any] = {}
+
+    def _val_metrics(self, trainer) -> dict[str, float]:
+        out = {}
+        for k in ("val/loss", "val/bpb", "val/ppl"):
+            v = trainer.callback_metrics.get(k)
+            if v is not None:
+                out[k] = float(v)
+        return out
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        vals = self._val_metrics(trainer)
+        if vals:
+            self.history.append(
+                {
+                    "step": trainer.global_step,
+                    "tokens": pl_module.tokens_seen,
+                    "time_s": round(time.time() - self.t_start, 3),
+                    **vals,
+                }
+            )
+        self.write(trainer, pl_module, "running")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module, "completed")
+
+    @rank_zero_only
+    def write(self, trainer, pl_module, status: str, error: str | None = None) -> None:
+        tps = None
+        if self.throughput.train_time > 0:
+            tps = pl_module.tokens_seen / self.throughput.train_time
+        train_loss = trainer.callback_metrics.get("train/loss")
+        data = {
+            "status": status,
+            **{k: None for k in ("val/loss", "val/bpb", "val/ppl")},
+            **self._val_metrics(trainer),
+            "train/loss": float(train_loss) if train_loss is not None else None,
+            "train/tokens_per_s": tps,
+            "params": pl_module.model.num_params(),
+            "step": trainer.global_step,
+            "tokens": pl_module.tokens_seen,
+            "wall_time_s": round(time.time() - self.t_start, 3),
+            "train_time_s": round(self.throughput.train_time, 3),
+            "error": error,
+            "history": self.history,
+            **self.extra,
+        }
+        self.data = data
+        write_json_atomic(self.path, data)
+
+
+class TextSampler(L.Callback):
+    """Generates a short sample at each validation and logs it to TensorBoard (rank zero)."""
+
+    def __init__(self, tokenizer, prompt: str = "", max_new_tokens: int = 64, **sampling) -> None:
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.tokenizer is None or self.max_new_tokens <= 0:
+            return
+        from tinyllm.sampling import generate
+
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                text = generate(
+                    model,
+                    self.tokenizer,
+                    self.prompt,
+                    max_new_tokens=self.max_new_tokens,
+                    seed=0,
+                    **self.sampling,
+                )
+        finally:
+            model.train(was_training)
+        if isinstance(text, list):
+            text = text[0]
+        for logger in trainer.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_text"):
+                # Markdown code block: keeps the model's whitespace visible in TensorBoard.
+                exp.add_text("samples", "```\n" + text + "\n```", trainer.global_step)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)

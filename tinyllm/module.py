@@ -1,0 +1,215 @@
+"""LitGPT: the LightningModule around the plain GPT.
+
+Lightning owns the loop, precision, devices and checkpoints; this file owns what is specific to
+language modelling: the loss (with optional z-loss), bits per byte, the optimizer's parameter
+groups and the learning-rate schedule. The constructor takes plain values only, so a checkpoint
+rebuilds the module (and `tinyllm.load_checkpoint` the bare GPT) without the conf/ tree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from tinyllm.checkpoint import CKPT_FORMAT_VERSION
+from tinyllm.errors import TinyLLMError
+from tinyllm.model import GPT, ModelConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float | None = None  # None -> lr / 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    decay_embeddings: bool = False
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    max_steps: int = 1000  # the horizon of the schedule (the trainer's max_steps)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> OptimConfig:
+        d = dict(d or {})
+        names = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TinyLLMError(
+                f"Unknown optim option(s) {unknown}; valid: {sorted(names)}. Fix `optim.*`."
+            )
+        cfg = cls(**d)
+        if cfg.schedule not in ("cosine", "wsd", "constant"):
+            raise TinyLLMError(
+                f"optim.schedule={cfg.schedule!r} is not a schedule; use cosine, wsd or constant."
+            )
+        if cfg.lr <= 0 or cfg.max_steps <= 0 or cfg.warmup_steps < 0:
+            raise TinyLLMError(
+                f"optim.lr ({cfg.lr}) and optim.max_steps ({cfg.max_steps}) must be positive "
+                f"and optim.warmup_steps ({cfg.warmup_steps}) non-negative."
+            )
+        return cfg
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier of the base LR at `step`: linear warmup, then cosine / WSD / constant."""
+    min_ratio = (cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10) / cfg.lr
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.max_steps * (1 - cfg.decay_fraction))
+        if step < decay_start:
+            return 1.0
+        frac = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
+        return 1.0 - (1.0 - min_ratio) * frac
+    # cosine from 1 down to min_ratio over [warmup, max_steps], flat afterwards
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * frac))
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class LitGPT(L.LightningModule):
+    def __init__(
+        self,
+        model_config: dict[str, Any],
+        tokenizer: dict[str, Any] | None = None,
+        optim: dict[str, Any] | None = None,
+        data_meta: dict[str, Any] | None = None,
+        chat_template: dict[str, Any] | None = None,
+        nan_policy: str = "stop",
+        ckpt_format_version: int = CKPT_FORMAT_VERSION,
+    ) -> None:
+        super().__init__()
+        if nan_policy not in ("stop", "skip"):
+            raise TinyLLMError(f"nan_policy={nan_policy!r}: use 'stop' or 'skip'.")
+        # Plain values only: the checkpoint must rebuild everything from its hyper-parameters.
+        self.save_hyperparameters()
+        self.model = GPT(ModelConfig.from_dict(model_config))
+        self.optim_cfg = OptimConfig.from_dict(optim)
+        self.nan_policy = nan_policy
+        # bits per byte = nats per token / ln 2 * tokens per byte (of the validation split)
+        self.tokens_per_byte = _tokens_per_byte(data_meta)
+        # Sums (not means) so DDP ranks with uneven shards still give the exact corpus mean.
+        self.val_nll_sum = SumMetric()
+        self.val_token_count = SumMetric()
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+
+    # -- the model ---------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy over non-ignored targets, plus the optional z-loss."""
+        B, T, V = logits.shape
+        flat = logits.reshape(B * T, V).float()  # (B*T, V); fp32 for a stable log-softmax
+        loss = F.cross_entropy(flat, targets.reshape(B * T), ignore_index=IGNORE_INDEX)
+        z = self.model.config.z_loss
+        if z > 0:
+            # z-loss (PaLM): keeps the softmax normaliser near 1 so logits don't drift.
+            mask = targets.reshape(B * T) != IGNORE_INDEX
+            loss = loss + z * torch.logsumexp(flat[mask], dim=-1).pow(2).mean()
+        return loss
+
+    # -- steps -------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        loss = self.loss(self.model(x), y)
+        if not torch.isfinite(loss):
+            msg = (
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}. "
+                "Lower optim.lr, raise optim.warmup_steps, enable gradient clipping "
+                "(trainer.gradient_clip_val) or use precision 32-true."
+            )
+            if self.nan_policy == "stop":
+                raise DivergenceError(msg)
+            self.skipped_steps += 1
+            self.print(f"warning: skipping the step: {msg}")
+            return None  # Lightning skips backward and the optimizer step
+        self.tokens_seen += x.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self.model(x)
+        B, T, V = logits.shape
+        nll = F.cross_entropy(
+            logits.reshape(B * T, V).float(),  # (B*T, V)
+            y.reshape(B * T),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        self.val_nll_sum.update(nll)
+        self.val_token_count.update((y != IGNORE_INDEX).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        n = self.val_token_count.compute()
+        if n.item() == 0:
+            return
+        val_loss = self.val_nll_sum.compute() / n
+        self.val_nll_sum.reset()
+        self.val_token_count.reset()
+        metrics = {"val/loss": val_loss, "val/ppl": torch.exp(val_loss.clamp(max=30))}
+        if self.tokens_per_byte is not None:
+            metrics["val/bpb"] = val_loss / math.log(2) * self.tokens_per_byte
+        else:  # no byte counts (e.g. Q&A data): bits per token keeps the column comparable
+            metrics["val/bpb"] = val_loss / math.log(2)
+        self.log_dict(metrics, prog_bar=True, sync_dist=False)
+
+    # -- optimizer ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        groups = self.model.param_groups(cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
+        # fused kernels on CUDA; foreach (multi-tensor) elsewhere: both avoid a Python loop
+        # over parameters on every step.
+        on_cuda = next(self.model.parameters()).is_cuda
+        opt = torch.optim.AdamW(
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            fused=True if on_cuda else None,
+            foreach=None if on_cuda else True,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoint extras -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tinyllm"] = {
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "optim": asdict(self.optim_cfg),
+        }
+        # Never write keys of a compiled wrapper: checkpoints must load into a plain GPT.
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if "_orig_mod." in k]:
+            sd[k.replace("_orig_mod.", "")] = sd.pop(k)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("tinyllm", {})
+        self.tokens_seen = int(extra.get("tokens_seen", 0))
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+
+def _tokens_per_byte(meta: dict[str, Any] | None) -> float | None:
+    try:
+        val = meta["splits"]["val"]  # type: ignore[index]
+        return float(val["tokens"]) / float(val["bytes"])
+    except (TypeError, KeyError, ZeroDivisionError, ValueError):
+        return None
