@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinyllm.errors import TinyLLMError
+
 
 @dataclass
 class ModelConfig:
@@ -49,6 +51,59 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def validate(self) -> None:
+        """Raise TinyLLMError for a bad combination, before any training time is spent."""
+        # Imported here: the registries import this module.
+        from tinyllm.model.mlp import ACTIVATIONS
+        from tinyllm.model.norms import NORMS
+        from tinyllm.model.positions import POSITIONS
+        from tinyllm.model.registry import lookup
+
+        lookup(NORMS, self.norm, "norm")
+        lookup(ACTIVATIONS, self.activation, "activation")
+        lookup(POSITIONS, self.pos, "pos")
+
+        def bad(option: str, problem: str, fix: str) -> TinyLLMError:
+            return TinyLLMError(
+                f"Invalid model.{option}: {problem}. {fix} (conf/model/*.yaml "
+                f"or a `model.{option}=` override)."
+            )
+
+        if self.attn_impl not in ("sdpa", "manual"):
+            raise bad("attn_impl", f"got {self.attn_impl!r}", "Use `sdpa` or `manual`")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, f"got {getattr(self, name)!r}", "Use a positive integer")
+        if self.n_embd % self.n_head:
+            raise bad(
+                "n_embd",
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}, so the heads "
+                "cannot split the embedding evenly",
+                f"Pick a multiple of n_head, e.g. {self.n_embd // self.n_head * self.n_head}",
+            )
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise bad(
+                "n_kv_head",
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; each "
+                "key/value head must serve the same number of query heads",
+                "Use a divisor of n_head (n_kv_head=1 is multi-query, =n_head is multi-head)",
+            )
+        if self.pos == "rope" and self.head_dim % 2:
+            raise bad(
+                "pos",
+                f"rope rotates pairs of features but head_dim = n_embd/n_head = "
+                f"{self.n_embd}/{self.n_head} = {self.head_dim} is odd",
+                "Choose n_embd and n_head so that n_embd/n_head is even, or another pos",
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", f"got {self.dropout}", "Use a value in [0, 1)")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise bad("logit_softcap", f"got {self.logit_softcap}", "Use a positive number or null")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise bad("mlp_hidden", f"got {self.mlp_hidden}", "Use a positive integer or null")
+        if self.mlp_multiple_of < 1:
+            raise bad("mlp_multiple_of", f"got {self.mlp_multiple_of}", "Use a positive integer")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -58,7 +113,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(
+            raise TinyLLMError(
                 f"Unknown model option(s) {unknown}. Valid options are: {sorted(names)}. "
                 "Fix the model config (conf/model/*.yaml or a `model.<name>=` override)."
             )
