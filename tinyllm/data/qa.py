@@ -1,0 +1,649 @@
+"""Question-answer fine-tuning data: load, validate, encode with a chat template, batch.
+
+The file is a JSON array or JSON Lines of records, either a pair
+
+    {"id": 1, "category": "Identity", "question": "Who are you?", "answer": "I am TinyLLM."}
+
+(`id` and `category` are optional and ignored in training) or a conversation
+
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+
+Each record becomes one example (see tinyllm/data/chat.py for the template). Batches are
+`(x, y)` LongTensor pairs [B, T] like the pretraining data, except that `y` is -100 (the
+cross-entropy `ignore_index`) everywhere but on answer tokens and the `<eos>` after them: the
+loss teaches the model to answer, not to ask. Examples are padded per batch to the longest
+(`pack=False`) or packed several to a window of `block_size` (`pack=True`, fewer pad tokens;
+attention then crosses example boundaries, each example still starts with `<bos>`).
+
+The split into train/val is by record, seeded and deterministic. `val_records` are kept so the
+trainer can report `exact_match` of greedy answers on held-out questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from tinyllm.data.chat import ROLES, ChatTemplate, Message, TokenizerLike, as_messages
+from tinyllm.errors import TinyLLMError
+
+if TYPE_CHECKING:
+    from tinyllm.tokenizer import BPETokenizer
+
+IGNORE_INDEX = -100  # targets with this value add nothing to F.cross_entropy's loss
+
+_EXAMPLE = (
+    '[{"question": "Who are you?", "answer": "I am TinyLLM."}] or, as JSON Lines, one '
+    '{"question": ..., "answer": ...} per line'
+)
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_qa_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a Q&A file; return records as {"messages": [...], "id"?: ...}.
+
+    A pair becomes a user and an assistant message. Raises TinyLLMError naming the file, the
+    record (and line) and the fix for every kind of bad input.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TinyLLMError(
+            f"Q&A file {str(path)!r} does not exist (or is not a file). Fix `data.path=` to "
+            f"point at a JSON array or JSON Lines file of records like {_EXAMPLE}."
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
+    except UnicodeDecodeError as e:
+        raise TinyLLMError(
+            f"Q&A file {str(path)!r} is not UTF-8 text ({e}). Fix: save it as UTF-8."
+        ) from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise TinyLLMError(f"Q&A file {str(path)!r} is empty. Fix: add records like {_EXAMPLE}.")
+    if stripped[0] == "[":
+        raw = _parse_array(path, text)  # [(record, where)]
+    else:
+        raw = _parse_jsonl(path, text)
+    if not raw:
+        raise TinyLLMError(
+            f"Q&A file {str(path)!r} holds no records. Fix: add records like {_EXAMPLE}."
+        )
+    return [_validate_record(path, rec, where) for rec, where in raw]
+
+
+def _parse_array(path: Path, text: str) -> list[tuple[Any, str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TinyLLMError(
+            f"Q&A file {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}, column "
+            f"{e.colno}. Fix the JSON there (a common cause is a missing comma between records "
+            "or a trailing comma before `]`)."
+        ) from None
+    if not isinstance(data, list):
+        raise TinyLLMError(f"Q&A file {str(path)!r} must hold a JSON array of records.")
+    lines = _array_item_lines(text, len(data))
+    return [(rec, f"record {i + 1} (line {lines[i]})") for i, rec in enumerate(data)]
+
+
+def _array_item_lines(text: str, n: int) -> list[int]:
+    """Line number where each element of a (valid) top-level JSON array starts."""
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    starts = []
+    for _ in range(n):
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        starts.append(pos)
+        _, pos = dec.raw_decode(text, pos)
+    return [text.count("\n", 0, s) + 1 for s in starts]
+
+
+def _parse_jsonl(path: Path, text: str) -> list[tuple[Any, str]]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue  # blank lines between records are harmless
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TinyLLMError(
+                f"Q&A file {str(path)!r}, line {lineno}, column {e.colno}: invalid JSON "
+                f"({e.msg}). Fix that line. The file is read as JSON Lines (one record per "
+                "line) because it does not start with `[`; for a pretty-printed file, wrap the "
+                "records in a JSON array `[...]`."
+            ) from None
+        out.append((rec, f"record {len(out) + 1} (line {lineno})"))
+    return out
+
+
+def _validate_record(path: Path, rec: Any, where: str) -> dict[str, Any]:
+    at = f"Q&A file {str(path)!r}, {where}"
+    if not isinstance(rec, dict):
+        raise TinyLLMError(
+            f"{at}: a record must be a JSON object, got {type(rec).__name__} ({_short(rec)}). "
+            f"Fix: write records like {_EXAMPLE}."
+        )
+    if "id" in rec:
+        at += f" (id {_short(rec['id'])})"
+    if "messages" in rec:
+        return {"messages": _validate_messages(at, rec["messages"]), **_keep_id(rec)}
+    for key in ("question", "answer"):
+        if key not in rec:
+            raise TinyLLMError(
+                f"{at}: missing `{key}` (keys present: {sorted(rec)}). Fix: give every record "
+                'a `question` and an `answer` string, or a `messages` list of {"role", '
+                '"content"} turns.'
+            )
+        _check_text(at, f"`{key}`", rec[key])
+    messages = [
+        {"role": "user", "content": rec["question"]},
+        {"role": "assistant", "content": rec["answer"]},
+    ]
+    return {"messages": messages, **_keep_id(rec)}
+
+
+def _validate_messages(at: str, messages: Any) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise TinyLLMError(
+            f'{at}: `messages` must be a non-empty list of {{"role", "content"}} objects, got '
+            f"{_short(messages)}."
+        )
+    out: list[Message] = []
+    for i, m in enumerate(messages, 1):
+        here = f"{at}, message {i}"
+        if not isinstance(m, dict):
+            raise TinyLLMError(
+                f'{here}: must be an object {{"role": ..., "content": ...}}, got {_short(m)}.'
+            )
+        role = m.get("role")
+        if role not in ROLES:
+            raise TinyLLMError(
+                f"{here}: unknown role {_short(role)}. Fix: use one of {list(ROLES)} "
+                "(e.g. `user` for the question, `assistant` for the answer)."
+            )
+        if "content" not in m:
+            raise TinyLLMError(f"{here}: missing `content`. Fix: add the message text.")
+        _check_text(here, "`content`", m["content"])
+        out.append({"role": role, "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise TinyLLMError(
+            f"{at}: the conversation has no `assistant` message, so there is nothing to learn "
+            "(the loss covers answers only). Fix: add the answer as an assistant message."
+        )
+    return out
+
+
+def _check_text(at: str, name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise TinyLLMError(
+            f"{at}: {name} must be a string, got {type(value).__name__} ({_short(value)}). "
+            'Fix: quote it, e.g. "42".'
+        )
+    if not value.strip():
+        raise TinyLLMError(f"{at}: {name} is empty. Fix: write the text, or drop the record.")
+
+
+def _keep_id(rec: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": rec["id"]} if "id" in rec else {}
+
+
+def _short(v: Any, n: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# ---------------------------------------------------------------------------- split/encode
+
+
+def split_records(
+    records: Sequence[Any],
+    val_fraction: float = 0.1,
+    val_count: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Any], list[Any]]:
+    """Deterministic seeded split by record: (train, val), disjoint, order-stable per seed.
+
+    `val_count` (if given) wins over `val_fraction`. A non-zero fraction keeps at least one
+    record in each split when there are two or more records.
+    """
+    n = len(records)
+    if val_count is None:
+        if not 0.0 <= val_fraction < 1.0:
+            raise TinyLLMError(
+                f"data.val_fraction={val_fraction} must be in [0, 1). Fix the override."
+            )
+        k = round(n * val_fraction)
+        if val_fraction > 0 and n >= 2:
+            k = min(max(k, 1), n - 1)
+    else:
+        k = int(val_count)
+        if not 0 <= k < n:
+            raise TinyLLMError(
+                f"data.val_count={val_count} must be in [0, {n - 1}] for {n} records (at least "
+                "one record must stay for training). Fix the override."
+            )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = sorted(order[:k])
+    val_set = set(val_idx)
+    train = [records[i] for i in order if i not in val_set]
+    val = [records[i] for i in val_idx]
+    return train, val
+
+
+def encode_records(
+    records: Sequence[Any],
+    tokenizer: TokenizerLike,
+    template: ChatTemplate,
+    block_size: int,
+) -> tuple[list[tuple[list[int], list[bool]]], dict[str, int]]:
+    """Encode records to (ids, mask), cut to block_size + 1 tokens; return them and counts.
+
+    A window of block_size + 1 tokens gives block_size (input, target) pairs. Examples whose
+    answer starts beyond the window (nothing left to learn) are dropped.
+    """
+    max_len = block_size + 1
+    out = []
+    stats = {"examples": 0, "truncated": 0, "dropped": 0, "target_tokens": 0}
+    for rec in records:
+        ids, mask = template.encode_example(tokenizer, rec)
+        if len(ids) > max_len:
+            ids, mask = ids[:max_len], mask[:max_len]
+            stats["truncated"] += 1
+        n_targets = sum(mask[1:])
+        if n_targets == 0:
+            stats["dropped"] += 1
+            continue
+        out.append((ids, mask))
+        stats["examples"] += 1
+        stats["target_tokens"] += n_targets
+    return out, stats
+
+
+def _xy(ids: Sequence[int], mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift by one: x[t] = ids[t], y[t] = ids[t+1] where that token is trained, else -100."""
+    t = torch.tensor(ids, dtype=torch.long)
+    m = torch.tensor(mask, dtype=torch.bool)
+    x = t[:-1]
+    y = torch.where(m[1:], t[1:], torch.full_like(t[1:], IGNORE_INDEX))
+    return x, y
+
+
+class QADataset(Dataset):
+    """(x, y) pairs, one per example (padded later, per batch) or one per packed window."""
+
+    def __init__(
+        self,
+        examples: Sequence[tuple[list[int], list[bool]]],
+        block_size: int,
+        pad_id: int,
+        pack: bool = False,
+    ) -> None:
+        self.block_size = block_size
+        self.pad_id = pad_id
+        self.pack = pack
+        if pack:
+            self.items = [_xy(ids, m) for ids, m in _pack(examples, block_size + 1, pad_id)]
+        else:
+            self.items = [_xy(ids, m) for ids, m in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.items[i]
+
+
+def _pack(
+    examples: Sequence[tuple[list[int], list[bool]]], max_len: int, pad_id: int
+) -> list[tuple[list[int], list[bool]]]:
+    """Greedy in-order packing of whole examples into windows of max_len tokens, padded."""
+    windows: list[tuple[list[int], list[bool]]] = []
+    ids: list[int] = []
+    mask: list[bool] = []
+    for e_ids, e_mask in examples:
+        if ids and len(ids) + len(e_ids) > max_len:
+            windows.append((ids, mask))
+            ids, mask = [], []
+        ids = ids + e_ids
+        mask = mask + e_mask
+    if ids:
+        windows.append((ids, mask))
+    # pad every window to max_len; padding is never a target (mask False)
+    return [
+        (w + [pad_id] * (max_len - len(w)), m + [False] * (max_len - len(m))) for w, m in windows
+    ]
+
+
+def collate_qa(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch to its longest example: x with pad_id, y with -100 (ignored)."""
+    T = max(x.numel() for x, _ in batch)
+    x = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    y = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (xi, yi) in enumerate(batch):
+        x[i, : xi.numel()] = xi
+        y[i, : yi.numel()] = yi
+    return x, y
+
+
+class _Collate:
+    """Picklable collate (DataLoader workers are spawned on some platforms)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        return collate_qa(batch, self.pad_id)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def train_qa_tokenizer(
+    records: Sequence[Any],
+    vocab_size: int,
+    template: ChatTemplate | Mapping[str, Any] | None = None,
+    pattern: str = "gpt4",
+) -> BPETokenizer:
+    """Train a BPE tokenizer (with the default <|bos|>/<|eos|>/<|pad|> specials) on the
+    rendered conversations, for training on Q&A data from scratch."""
+    from tinyllm.tokenizer import BPETokenizer
+
+    tmpl = ChatTemplate.coerce(template)
+    texts = [tmpl.render_text(r) for r in records]
+    return BPETokenizer.train(texts, vocab_size, pattern=pattern)
+
+
+# ---------------------------------------------------------------------------- datamodule
+
+
+class QADataModule(L.LightningDataModule):
+    """Q&A fine-tuning data: answer-only targets, padded per batch or packed.
+
+    Everything (reading, validation, the split, encoding) happens in __init__ so a bad file
+    fails before a model is built. `tokenizer=None` trains one on the file (`vocab_size`).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer: BPETokenizer | None,
+        block_size: int,
+        batch_size: int,
+        val_fraction: float = 0.1,
+        val_count: int | None = None,
+        seed: int = 0,
+        pack: bool = False,
+        template: ChatTemplate | Mapping[str, Any] | str | None = None,
+        num_workers: int = 0,
+        vocab_size: int | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.block_size = int(block_size)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.pack = bool(pack)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.template = ChatTemplate.coerce(template)
+        self.records = load_qa_records(self.path)
+        if tokenizer is None:
+            if not vocab_size:
+                raise TinyLLMError(
+                    "Q&A data needs a tokenizer: fine-tune from a checkpoint (`init_from=CKPT`, "
+                    "its tokenizer is reused) or set `tokenizer.vocab_size` to train one on "
+                    f"{str(self.path)!r}."
+                )
+            tokenizer = train_qa_tokenizer(self.records, vocab_size, self.template)
+        self.tokenizer = tokenizer
+        self.template.check_tokenizer(tokenizer)
+        self.pad_id = self.template.pad_id(tokenizer)
+        self.train_records, self.val_records = split_records(
+            self.records, val_fraction, val_count, self.seed
+        )
+        train_ex, train_stats = encode_records(
+            self.train_records, tokenizer, self.template, self.block_size
+        )
+        val_ex, val_stats = encode_records(
+            self.val_records, tokenizer, self.template, self.block_size
+        )
+        if not train_ex:
+            raise TinyLLMError(
+                f"No training example of {str(self.path)!r} has an answer token within "
+                f"block_size={self.block_size} tokens. Fix: raise `model.block_size` or "
+                "shorten the questions."
+            )
+        for split, st in (("train", train_stats), ("val", val_stats)):
+            if st["truncated"] or st["dropped"]:
+                rank_zero_warn(
+                    f"Q&A {split} split of {str(self.path)!r}: {st['truncated']} example(s) "
+                    f"longer than block_size+1={self.block_size + 1} tokens were cut (their "
+                    f"answers lose their end), {st['dropped']} dropped (no answer token left). "
+                    "Raise `model.block_size` to keep them whole."
+                )
+        self.stats = {"train": train_stats, "val": val_stats}
+        self.train_dataset = QADataset(train_ex, self.block_size, self.pad_id, self.pack)
+        self.val_dataset = QADataset(val_ex, self.block_size, self.pad_id, self.pack)
+        self.max_token_id = max(max(ids) for ids, _ in train_ex + val_ex)
+        self.meta = self._meta(train_ex, val_ex)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Mapping[str, Any],
+        tokenizer: BPETokenizer | None,
+        block_size: int,
+        batch_size: int,
+        **overrides: Any,
+    ) -> QADataModule:
+        """Build from the `data` config group (conf/data/qa.yaml); `name`/`source` ignored."""
+        skip = {"name", "source", "_target_"}
+        kwargs = {k: v for k, v in dict(cfg).items() if k not in skip}
+        if kwargs.get("path") in (None, "", "???"):
+            raise TinyLLMError(
+                "data=qa needs the Q&A file: add `data.path=FILE` (a JSON array or JSON Lines "
+                f"of records like {_EXAMPLE})."
+            )
+        if isinstance(kwargs.get("template"), Mapping):
+            kwargs["template"] = dict(kwargs["template"])
+        kwargs.update(overrides)
+        return cls(tokenizer=tokenizer, block_size=block_size, batch_size=batch_size, **kwargs)
+
+    def _meta(self, train_ex: Any, val_ex: Any) -> dict[str, Any]:
+        def split_meta(examples: Any, n_records: int) -> dict[str, int]:
+            # tokens/bytes of the *targets* (answers + eos), so bits per byte = answer bpb
+            targets = [t for ids, m in examples for t, keep in zip(ids[1:], m[1:]) if keep]
+            specials = set(getattr(self.tokenizer, "special_tokens", {}).values())
+            plain = [t for t in targets if t not in specials]
+            n_bytes = len(self.tokenizer.decode(plain).encode("utf-8")) if plain else 0
+            return {"tokens": len(targets), "bytes": n_bytes, "documents": n_records}
+
+        sha = getattr(self.tokenizer, "sha256", None)
+        return {
+            "format": "qa",
+            "path": str(self.path),
+            "source": {"path": str(self.path), "sha256": _file_sha256(self.path)},
+            "vocab_size": int(self.tokenizer.vocab_size),
+            "tokenizer_sha256": sha() if callable(sha) else None,
+            "chat_template": self.template.to_dict(),
+            "block_size": self.block_size,
+            "pack": self.pack,
+            "seed": self.seed,
+            "splits": {
+                "train": split_meta(train_ex, len(self.train_records)),
+                "val": split_meta(val_ex, len(self.val_records)),
+            },
+        }
+
+    def check_compatible(self, vocab_size: int, block_size: int) -> None:
+        """Raise when the model cannot take these batches (ids >= vocab, windows too long)."""
+        if self.max_token_id >= vocab_size:
+            raise TinyLLMError(
+                f"The Q&A data uses token id {self.max_token_id} but the model's vocab_size is "
+                f"{vocab_size}. Fix: use the tokenizer of the checkpoint you fine-tune "
+                "(`init_from=CKPT`), or set model.vocab_size to the tokenizer's vocab_size."
+            )
+        if self.block_size > block_size:
+            raise TinyLLMError(
+                f"Q&A examples are cut to block_size={self.block_size} but the model's "
+                f"block_size is {block_size}. Fix: set the data's block_size <= the model's."
+            )
+
+    # ------------------------------------------------------------------ loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _loader(self, ds: QADataset, sampler: Any) -> DataLoader:
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=_Collate(self.pad_id),
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        if world > 1:  # rank-aware on its own: works with use_distributed_sampler=False
+            sampler: Any = DistributedSampler(
+                self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+            )
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            sampler = RandomSampler(self.train_dataset, generator=g)
+        return self._loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.val_dataset) == 0:
+            return []
+        world, rank = self._world()
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(
+                self.val_dataset, num_replicas=world, rank=rank, shuffle=False
+            )
+        return self._loader(self.val_dataset, sampler)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def split_prompt(record: Any) -> tuple[list[Message], str]:
+    """(conversation before the last answer, that answer) of a record, for evaluation."""
+    messages = as_messages(record)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+@torch.no_grad()
+def greedy_ids(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+) -> list[int]:
+    """Greedy continuation of prompt_ids (the new ids, the stop id included if reached).
+
+    Uses the model's KV cache when it has one and the whole sequence fits in its block;
+    otherwise re-runs the (cropped) context each step.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    block = int(model.config.block_size)
+    stops = set(int(s) for s in stop_ids)
+    out: list[int] = []
+    idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # [1, T]
+    use_cache = hasattr(model, "init_kv_cache") and idx.size(1) + max_new_tokens <= block
+    try:
+        if use_cache:
+            cache = model.init_kv_cache(1, block, device=device)
+            logits = model(idx, kv_cache=cache)  # [1, T, V]
+            for _ in range(max_new_tokens):
+                nxt = int(logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt in stops:
+                    break
+                logits = model(torch.tensor([[nxt]], device=device), kv_cache=cache)
+        else:
+            for _ in range(max_new_tokens):
+                logits = model(idx[:, -block:])  # [1, T', V], cropped to the model's block
+                nxt = int(logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt in stops:
+                    break
+                idx = torch.cat([idx, torch.tensor([[nxt]], device=device)], dim=1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def greedy_answer(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    prompt: str | Sequence[Message],
+    template: ChatTemplate | Mapping[str, Any] | None = None,
+    max_new_tokens: int = 64,
+) -> tuple[str, bool]:
+    """The model's greedy answer to a question (or conversation) and whether it stopped at eos."""
+    tmpl = ChatTemplate.coerce(template)
+    ids = tmpl.encode_prompt(tokenizer, prompt)
+    stops = tmpl.stop_ids(tokenizer)
+    new = greedy_ids(model, ids, max_new_tokens, stops)
+    stopped = bool(new) and new[-1] in stops
+    return tmpl.decode_answer(tokenizer, new), stopped
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    records: Sequence[Any],
+    template: ChatTemplate | Mapping[str, Any] | None = None,
+    max_new_tokens: int | None = None,
+) -> float:
+    """Fraction of records whose greedy answer equals the reference (stripped) and ends at eos.
+
+    `max_new_tokens=None` gives each record its reference length + 8 tokens: a correct answer
+    needs its tokens and the eos, so a longer budget cannot change the verdict much.
+    """
+    if not records:
+        return float("nan")
+    tmpl = ChatTemplate.coerce(template)
+    hits = 0
+    for rec in records:
+        prompt, ref = split_prompt(rec)
+        budget = max_new_tokens
+        if budget is None:
+            budget = len(tokenizer.encode(tmpl.answer_lead + ref + tmpl.assistant_suffix)) + 8
+        pred, stopped = greedy_answer(model, tokenizer, prompt, tmpl, budget)
+        hits += int(stopped and pred.strip() == ref.strip())
+    return hits / len(records)
