@@ -1,0 +1,549 @@
+"""prepare: text -> data/<name>-<vocab>/{tokenizer.json, train.bin, val.bin, meta.json}.
+
+The steps, each streaming so a corpus larger than RAM works:
+
+1. scan    one pass over the raw bytes: content hash (for reuse), sizes, bad-file policy.
+2. split   decide which text is validation *before* encoding, by document (a seeded random
+           set of whole documents) or, for one-document corpora, by position (the last
+           val_fraction of the characters, as nanoGPT does for Tiny Shakespeare).
+3. tokenizer  train BPE on (a sample of) the training text, or load tokenizer.path.
+4. encode  pieces of ~256 KB go to a process pool; results come back in order and are
+           appended to train/val bins under temporary names, an EOS between documents.
+5. commit  rename the bins, write tokenizer.json, and write meta.json last: a folder without
+           meta.json is incomplete, whatever else it holds.
+
+The bins are flat arrays of token ids (uint16 when the vocab fits, else uint32), read back with
+np.memmap by TokenBinDataModule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinyllm.data.sources import (
+    PIECE_BYTES,
+    Progress,
+    ScanResult,
+    Source,
+    get_source,
+    iter_pieces,
+    scan,
+    sha256_file,
+)
+from tinyllm.errors import TinyLLMError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+META_KEYS = (
+    "format_version",
+    "dtype",
+    "vocab_size",
+    "tokenizer_sha256",
+    "splits",
+    "source",
+    "config_hash",
+    "created_by",
+)
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_TRAIN_CHARS = 20_000_000  # tokenizer training sample cap (BPE training is the slow part)
+
+
+def _get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A Hydra DictConfig or a dict -> a plain dict (JSON-able)."""
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return json.loads(json.dumps(dict(cfg), default=str))
+
+
+def default_data_dir(
+    data_cfg: Mapping[str, Any], tokenizer_cfg: Mapping[str, Any], data_root: str | Path = "data"
+) -> Path:
+    """data/<name>-<vocab_size>, or data/<name>-<tokenizer file stem> for tokenizer.path."""
+    name = _get(data_cfg, "name") or _get(data_cfg, "source", "data")
+    tpath = _get(tokenizer_cfg, "path")
+    suffix = Path(str(tpath)).stem if tpath else str(_get(tokenizer_cfg, "vocab_size", 4096))
+    return Path(data_root) / f"{name}-{suffix}"
+
+
+# --------------------------------------------------------------------------------------------
+# meta.json
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """Read and validate data_dir/meta.json against the bins beside it (TinyLLMError if bad)."""
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    fix = f"Run `python -m tinyllm.prepare ... out_dir={data_dir} force=true` to rebuild it."
+    if not path.is_file():
+        what = "is not a folder" if not data_dir.is_dir() else "has no meta.json"
+        raise TinyLLMError(
+            f"Data folder {data_dir} {what} (a prepared folder holds tokenizer.json, train.bin, "
+            f"val.bin and meta.json, which is written last; without it the folder is missing "
+            f"or incomplete). {fix}"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyLLMError(f"{path} is not valid JSON ({e}). {fix}") from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise TinyLLMError(f"{path} lacks the keys {missing}: not a tinyllm data folder. {fix}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise TinyLLMError(
+            f"{path} has format_version {meta['format_version']!r}; this tinyllm reads "
+            f"{FORMAT_VERSION}. {fix}"
+        )
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise TinyLLMError(f"{path} has dtype {meta['dtype']!r}, not uint16/uint32. {fix}")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        bin_path = data_dir / f"{split}.bin"
+        info = meta["splits"].get(split)
+        if info is None or not bin_path.is_file():
+            raise TinyLLMError(f"{data_dir} has no {split}.bin (or meta lacks it). {fix}")
+        size = bin_path.stat().st_size
+        if size % itemsize:
+            raise TinyLLMError(
+                f"{bin_path} is {size} bytes, not a multiple of {itemsize} ({meta['dtype']}): "
+                f"the file is truncated or from elsewhere. {fix}"
+            )
+        if size // itemsize != info["tokens"]:
+            raise TinyLLMError(
+                f"{bin_path} holds {size // itemsize} tokens but meta.json says "
+                f"{info['tokens']}: the bin and meta.json do not belong together. {fix}"
+            )
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# the split plan
+
+
+def _plan_split(
+    data_cfg: Mapping[str, Any], res: ScanResult, chars_per_token: float | None
+) -> dict[str, Any]:
+    """-> {"method", "val_docs" (document) | "cut" (position), "val_chars"}."""
+    method = _get(data_cfg, "split", "auto")
+    if method not in ("auto", "document", "position"):
+        raise TinyLLMError(
+            f"data.split={method!r} is not a split method; use auto (position for one "
+            "document, else document), document or position."
+        )
+    if res.documents == 0 or res.chars == 0:
+        raise TinyLLMError(
+            "The corpus holds no text after the bad-file policy "
+            f"({len(res.empty)} empty, {len(res.binary)} binary, {len(res.bad_utf8)} "
+            "non-UTF-8 files). Check data.path, or data.bad_files=replace."
+        )
+    val_tokens = _get(data_cfg, "val_tokens")
+    val_fraction = _get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION)
+    if val_tokens is not None:
+        val_chars = int(round(float(val_tokens) * (chars_per_token or 4.0)))
+    else:
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise TinyLLMError(
+                f"data.val_fraction={val_fraction} must be in (0, 1), e.g. 0.1; or set "
+                "data.val_tokens=N for a fixed validation size."
+            )
+        val_chars = int(res.chars * float(val_fraction))
+    if method == "auto":
+        method = "position" if res.documents == 1 else "document"
+    plan: dict[str, Any] = {"method": method, "val_chars": val_chars}
+    if method == "position":
+        # nanoGPT's split: train = text[: int(n * 0.9)], val = the rest
+        plan["cut"] = (
+            res.chars - val_chars
+            if val_tokens is not None
+            else int(res.chars * (1.0 - float(val_fraction)))
+        )
+        plan["val_chars"] = res.chars - plan["cut"]
+        if not 0 < plan["cut"] < res.chars:
+            raise TinyLLMError(
+                f"The validation split ({val_chars} of {res.chars} characters) leaves no text "
+                "for training or none for validation; lower data.val_tokens/val_fraction."
+            )
+        return plan
+    if res.documents < 2:
+        raise TinyLLMError(
+            "data.split=document needs at least 2 documents, this corpus has 1; use "
+            "data.split=position (the last val_fraction of the text) or a data.separator."
+        )
+    # a seeded random set of whole documents: representative, and no document is in both
+    order = np.random.default_rng(int(_get(data_cfg, "split_seed", 1337))).permutation(
+        res.documents
+    )
+    val_docs, total = set(), 0
+    for i in order[:-1]:  # never all documents: training keeps at least one
+        if total >= val_chars:
+            break
+        val_docs.add(int(i))
+        total += res.doc_chars[int(i)]
+    plan["val_docs"] = val_docs
+    return plan
+
+
+def _assign(
+    pieces: Iterator[tuple[str, bool]], plan: dict[str, Any]
+) -> Iterator[tuple[int, str, bool]]:
+    """(piece, ends_doc) -> (split index, text, starts_document_in_this_split)."""
+    doc, pos, starting = 0, 0, True
+    cut = plan.get("cut")
+    val_docs = plan.get("val_docs", set())
+    for text, end in pieces:
+        if cut is not None:
+            if pos < cut < pos + len(text):  # the cut falls inside this piece
+                k = cut - pos
+                yield 0, text[:k], starting
+                yield 1, text[k:], True
+            else:
+                yield (0 if pos < cut else 1), text, starting or pos == cut
+        else:
+            yield (1 if doc in val_docs else 0), text, starting
+        pos += len(text)
+        starting = end
+        doc += int(end)
+
+
+# --------------------------------------------------------------------------------------------
+# encoding workers
+
+_TOK: Any = None
+_DTYPE: Any = None
+
+
+def _init_worker(tok_dict: dict[str, Any], dtype: str) -> None:
+    global _TOK, _DTYPE
+    from tinyllm.tokenizer import BPETokenizer
+
+    _TOK, _DTYPE = BPETokenizer.from_dict(tok_dict), np.dtype(dtype)
+
+
+def _encode_task(task: list[tuple[int, str, bool]]) -> list[tuple[int, bytes, int, bool]]:
+    """Encode a batch of pieces -> (split, token bytes, UTF-8 bytes, starts_document)."""
+    out = []
+    for split, text, start in task:
+        ids = np.asarray(_TOK.encode(text), dtype=_DTYPE)
+        out.append((split, ids.tobytes(), len(text.encode("utf-8")), start))
+    return out
+
+
+def _tasks(items: Iterator[tuple[int, str, bool]]) -> Iterator[list[tuple[int, str, bool]]]:
+    """Group small pieces (short documents) into tasks of ~PIECE_BYTES characters."""
+    task, size = [], 0
+    for item in items:
+        if not item[1]:
+            continue
+        task.append(item)
+        size += len(item[1])
+        if size >= PIECE_BYTES:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+def _run_tasks(
+    tasks: Iterator[list[tuple[int, str, bool]]], workers: int, tok_dict: dict, dtype: str
+) -> Iterator[list[tuple[int, bytes, int, bool]]]:
+    """Results in task order; at most 4 tasks per worker in flight (bounded memory)."""
+    if workers <= 1:
+        _init_worker(tok_dict, dtype)
+        for task in tasks:
+            yield _encode_task(task)
+        return
+    ctx = get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(workers, ctx, _init_worker, (tok_dict, dtype)) as pool:
+        pending: deque[Future] = deque()
+        for task in tasks:
+            pending.append(pool.submit(_encode_task, task))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# --------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+def _load_tokenizer(path: str, tokenizer_cfg: Mapping[str, Any]) -> Any:
+    from tinyllm.tokenizer import BPETokenizer
+
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise TinyLLMError(
+            f"tokenizer.path={path} is not a file. Point it at a tokenizer.json written by "
+            "tinyllm (or a .tiktoken ranks file), or leave it null to train a tokenizer."
+        )
+    if p.suffix == ".tiktoken":
+        specials = _plain(_get(tokenizer_cfg, "special_tokens")) or None
+        if specials is None:  # GPT-2 convention: <|endoftext|> right after the ranks
+            n = sum(1 for line in p.open("rb") if line.strip())
+            specials = {"<|endoftext|>": n}
+        return BPETokenizer.from_tiktoken(
+            p, pattern=_get(tokenizer_cfg, "pattern", "gpt2"), special_tokens=specials
+        )
+    return BPETokenizer.load(p)
+
+
+def _train_tokenizer(
+    source: Source, res: ScanResult, tokenizer_cfg: Mapping[str, Any], plan: dict | None
+) -> Any:
+    """BPE on the training text (or, with plan=None, all text), capped at train_chars."""
+    from tinyllm.tokenizer import BPETokenizer
+
+    cap = int(_get(tokenizer_cfg, "train_chars", DEFAULT_TRAIN_CHARS))
+    train_chars = res.chars - (plan["val_chars"] if plan else 0)
+    # take every k-th document so a capped sample still spans the whole corpus
+    every = max(1, int(np.ceil(train_chars / cap))) if cap > 0 else 1
+
+    def sample() -> Iterator[str]:
+        taken, parts = 0, []
+        items = (
+            _assign(iter_pieces(source, res), plan)
+            if plan
+            else ((0, t, s) for t, s in _starts(iter_pieces(source, res)))
+        )
+        doc = -1
+        for split, text, start in items:
+            if start and split == 0:
+                doc += 1
+                if parts:
+                    yield "".join(parts)
+                    parts = []
+            if split != 0 or doc % every:
+                continue
+            parts.append(text)
+            taken += len(text)
+            if taken >= cap > 0:
+                break
+        if parts:
+            yield "".join(parts)
+
+    vocab_size = int(_get(tokenizer_cfg, "vocab_size", 4096))
+    pattern = _get(tokenizer_cfg, "pattern", "gpt4")
+    specials = _get(tokenizer_cfg, "special_tokens")
+    specials = list(specials) if specials is not None else None
+    t0 = time.perf_counter()
+    print(f"training a BPE tokenizer: vocab_size={vocab_size} pattern={pattern}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        tok = BPETokenizer.train(sample(), vocab_size, pattern=pattern, special_tokens=specials)
+    print(f"  done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return tok
+
+
+def _starts(pieces: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
+    """(piece, ends_doc) -> (piece, starts_doc)."""
+    start = True
+    for text, end in pieces:
+        yield text, start
+        start = end
+
+
+# --------------------------------------------------------------------------------------------
+# prepare_data
+
+
+def _created_by() -> str:
+    argv0 = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
+    if argv0 in ("prepare", "train") or argv0.startswith("tinyllm"):
+        return " ".join([f"python -m tinyllm.{argv0}", *sys.argv[1:]])
+    return "tinyllm.data.prepare.prepare_data (Python API)"
+
+
+def _config_hash(
+    data_cfg: Mapping[str, Any], tokenizer_cfg: Mapping[str, Any], checksum: str, tok_sha: str
+) -> str:
+    keys = ("source", "separator", "bad_files", "split", "val_fraction", "val_tokens")
+    key = {
+        "format_version": FORMAT_VERSION,
+        "source_checksum": checksum,
+        "data": {k: _plain(data_cfg).get(k) for k in (*keys, "split_seed", "url", "template")},
+        "tokenizer": {
+            k: _plain(tokenizer_cfg).get(k)
+            for k in ("vocab_size", "pattern", "special_tokens", "train_chars")
+        },
+        "tokenizer_file_sha256": tok_sha,
+    }
+    canon = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _existing_meta(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_meta(out_dir)
+    except TinyLLMError:
+        return None
+
+
+def prepare_data(
+    data_cfg: Mapping[str, Any],
+    tokenizer_cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    force: bool = False,
+    num_workers: int | None = None,
+) -> Path:
+    """Tokenize a corpus into out_dir/{tokenizer.json, train.bin, val.bin, meta.json}.
+
+    Reuses out_dir when its meta.json has the same content hash (source bytes + settings);
+    `force=True` redoes it. Returns out_dir.
+    """
+    out_dir = Path(out_dir)
+    source = get_source(data_cfg)
+    bad_files = _get(data_cfg, "bad_files", "replace")
+    res = scan(source, bad_files)
+    if res.empty or res.binary or res.bad_utf8:
+        action = "replaced invalid bytes in" if bad_files == "replace" else "skipped"
+        print(
+            f"bad files: {len(res.empty)} empty and {len(res.binary)} binary skipped, "
+            f"{len(res.bad_utf8)} not UTF-8 ({action} those; data.bad_files=replace|skip|error)",
+            file=sys.stderr,
+        )
+    tpath = _get(tokenizer_cfg, "path")
+    tok_file_sha = (
+        sha256_file(os.path.expanduser(str(tpath)))
+        if tpath and Path(os.path.expanduser(str(tpath))).is_file()
+        else ""
+    )
+    config_hash = _config_hash(data_cfg, tokenizer_cfg, res.checksum, tok_file_sha)
+    old = _existing_meta(out_dir)
+    if old is not None and old["config_hash"] == config_hash and not force:
+        print(f"reusing {out_dir} (same content hash; force=true redoes it)", file=sys.stderr)
+        return out_dir
+
+    # the tokenizer, and the split (which, for val_tokens, needs the tokenizer's chars/token)
+    val_tokens = _get(data_cfg, "val_tokens")
+    plan = None if val_tokens is not None else _plan_split(data_cfg, res, None)
+    tok = _load_tokenizer(str(tpath), tokenizer_cfg) if tpath else None
+    if tok is None:
+        tok = _train_tokenizer(source, res, tokenizer_cfg, plan)
+    if plan is None:
+        plan = _plan_split(data_cfg, res, _chars_per_token(tok, source, res))
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    eos = tok.eos_id
+    if eos is None:
+        warnings.warn(
+            "the tokenizer has no EOS token: documents are concatenated without a separator.",
+            stacklevel=2,
+        )
+    workers = int(num_workers) if num_workers else (len(os.sched_getaffinity(0)) or 1)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # meta.json goes first, so a crash from here on leaves a folder that reads as incomplete
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    tmp = {s: out_dir / f".{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
+    stats = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in SPLITS}
+    eos_bytes = np.asarray([eos if eos is not None else 0], dtype=dtype).tobytes()
+    t0 = time.perf_counter()
+    try:
+        files = {s: open(tmp[s], "wb") for s in SPLITS}  # noqa: SIM115 (closed below)
+        try:
+            bar = Progress(res.bytes, f"encoding with {workers} worker(s)")
+            items = _assign(iter_pieces(source, res), plan)
+            for results in _run_tasks(_tasks(items), workers, tok.to_dict(), dtype):
+                for split, ids, nbytes, start in results:
+                    st, f = stats[SPLITS[split]], files[SPLITS[split]]
+                    if start:
+                        if st["documents"] and eos is not None:  # EOS *between* documents
+                            f.write(eos_bytes)
+                            st["tokens"] += 1
+                        st["documents"] += 1
+                    f.write(ids)
+                    st["tokens"] += len(ids) // np.dtype(dtype).itemsize
+                    st["bytes"] += nbytes
+                    bar.update(nbytes)
+            bar.close()
+        finally:
+            for f in files.values():
+                f.close()
+        for s in SPLITS:
+            if stats[s]["tokens"] == 0:
+                raise TinyLLMError(
+                    f"The {s} split came out empty ({res.chars} characters in "
+                    f"{res.documents} documents). Use a larger corpus or adjust "
+                    "data.val_fraction / data.val_tokens."
+                )
+        for s in SPLITS:
+            os.replace(tmp[s], out_dir / f"{s}.bin")
+    finally:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+    tok.save(out_dir / "tokenizer.json")
+    elapsed = time.perf_counter() - t0
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "vocab_size": tok.vocab_size,
+        "tokenizer_sha256": tok.sha256(),
+        "eos_id": eos,
+        "splits": stats,
+        "split": {
+            "method": plan["method"],
+            "val_fraction": None
+            if val_tokens is not None
+            else _get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION),
+            "val_tokens_requested": val_tokens,
+        },
+        "source": {
+            "name": _get(data_cfg, "name", source.name),
+            "kind": source.kind,
+            **source.info,
+            **res.report(),
+            "bad_files_policy": bad_files,
+        },
+        "config_hash": config_hash,
+        "created_by": _created_by(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "encode_seconds": round(elapsed, 3),
+        "num_workers": workers,
+    }
+    tmp_meta = out_dir / f".meta.json.tmp-{os.getpid()}"
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_meta, out_dir / "meta.json")
+    tr, va = stats["train"], stats["val"]
+    print(
+        f"wrote {out_dir}: train {tr['tokens']:,} tokens ({tr['documents']} docs), val "
+        f"{va['tokens']:,} tokens ({va['documents']} docs), {dtype}, vocab {tok.vocab_size}, "
+        f"{res.bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s",
+        file=sys.stderr,
+    )
+    return out_dir
+
+
+def _chars_per_token(tok: Any, source: Source, res: ScanResult, sample: int = 1 << 20) -> float:
+    """Measured on the first ~1M characters: converts data.val_tokens into text to hold out."""
+    chars, tokens = 0, 0
+    for text, _ in iter_pieces(source, res):
+        chars += len(text)
+        tokens += len(tok.encode(text))
+        if chars >= sample:
+            break
+    return chars / max(tokens, 1)
