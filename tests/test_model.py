@@ -1,0 +1,304 @@
+"""The GPT: registries, the architecture matrix, KV cache, init, overfitting, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyllm.errors import TinyLLMError
+from tinyllm.model import ACTIVATIONS, GPT, NORMS, POSITIONS, ModelConfig
+from tinyllm.model.mlp import mlp_hidden_size
+
+REPO = Path(__file__).resolve().parents[1]
+V = 32  # tiny vocab keeps the matrix fast
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, block_size=16, n_layer=2, n_head=4, n_embd=32, mlp_multiple_of=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(**kw))
+
+
+# --------------------------------------------------------------------------- registries
+
+
+@pytest.mark.parametrize(
+    "group, registry", [("norm", NORMS), ("activation", ACTIVATIONS), ("pos", POSITIONS)]
+)
+def test_registry_keys_match_conf_files(group: str, registry: dict) -> None:
+    files = {p.stem for p in (REPO / "conf" / group).glob("*.yaml")}
+    assert files == set(registry)
+
+
+# ------------------------------------------------------------------ architecture matrix
+
+
+def check_causal(model: GPT, idx: torch.Tensor) -> None:
+    """Changing token t leaves the logits at positions < t unchanged (and changes t's)."""
+    t = idx.size(1) // 2
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % V
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+def check_cache(model: GPT, idx: torch.Tensor) -> None:
+    """Chunked prefill and token-by-token decoding with the KV cache == one full forward."""
+    full = model(idx)
+    T = idx.size(1)
+    cache = model.init_kv_cache(idx.size(0))
+    chunks = [model(idx[:, :5], kv_cache=cache), model(idx[:, 5:8], kv_cache=cache)]
+    chunks += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(8, T)]
+    assert cache.seq_len == T
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-4, atol=1e-5)
+    # Reuse after reset, and rewind with crop: the same logits again.
+    cache.reset()
+    torch.testing.assert_close(model(idx[:, :10], kv_cache=cache), full[:, :10], **TOL)
+    cache.crop(6)
+    torch.testing.assert_close(model(idx[:, 6:9], kv_cache=cache), full[:, 6:9], **TOL)
+
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def train_step_lowers_loss(model: GPT, idx: torch.Tensor) -> None:
+    model.train()
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-2)
+    x, y = idx[:, :-1], idx[:, 1:]
+    losses = []
+    for _ in range(2):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert losses[1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "norm, activation, pos", list(itertools.product(NORMS, ACTIVATIONS, POSITIONS))
+)
+def test_matrix(norm: str, activation: str, pos: str) -> None:
+    model = build(norm=norm, activation=activation, pos=pos).eval()
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        check_causal(model, idx)
+        check_cache(model, idx)
+    train_step_lowers_loss(model, idx)
+
+
+@pytest.mark.parametrize("pos", list(POSITIONS))
+@pytest.mark.parametrize("n_kv_head", [1, 2])  # MQA, GQA (n_head=4)
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_gqa_mqa(pos: str, n_kv_head: int, attn_impl: str) -> None:
+    model = build(pos=pos, n_kv_head=n_kv_head, attn_impl=attn_impl, norm="rmsnorm").eval()
+    assert model.transformer.h[0].attn.c_attn.out_features == (4 + 2 * n_kv_head) * 8
+    idx = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        check_causal(model, idx)
+        check_cache(model, idx)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(qk_norm=True),
+        dict(post_norm=True),
+        dict(bias=False),
+        dict(tie_weights=False),
+        dict(logit_softcap=5.0),
+        dict(qk_norm=True, norm="rmsnorm", pos="rope", n_kv_head=2),
+    ],
+)
+def test_flags(flags: dict) -> None:
+    model = build(**flags).eval()
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        check_causal(model, idx)
+        check_cache(model, idx)
+
+
+def test_manual_equals_sdpa_and_returns_attention() -> None:
+    for pos in ("learned", "alibi", "rope"):
+        model = build(pos=pos, n_kv_head=2).eval()
+        idx = torch.randint(0, V, (2, 10))
+        with torch.no_grad():
+            logits = model(idx)
+            logits2, attns = model(idx, return_attn=True)  # switches to the manual path
+        torch.testing.assert_close(logits2, logits, **TOL)
+        assert len(attns) == 2 and attns[0].shape == (2, 4, 10, 10)
+        torch.testing.assert_close(attns[0].sum(-1), torch.ones(2, 4, 10))
+        assert (attns[1].triu(1) == 0).all()  # nothing attends to the future
+
+
+def test_attention_with_cache_returns_rows_over_all_keys() -> None:
+    model = build(pos="rope").eval()
+    cache = model.init_kv_cache(1)
+    with torch.no_grad():
+        model(torch.randint(0, V, (1, 6)), kv_cache=cache)
+        _, attns = model(torch.randint(0, V, (1, 2)), kv_cache=cache, return_attn=True)
+    assert attns[0].shape == (1, 4, 2, 8)
+
+
+def test_softcap_bounds_logits() -> None:
+    model = build(logit_softcap=0.5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+        assert model(torch.randint(0, V, (1, 8))).abs().max() <= 0.5
+
+
+def test_relative_positions_run_past_block_size() -> None:
+    for pos in ("rope", "alibi", "none"):
+        model = build(pos=pos).eval()
+        idx = torch.randint(0, V, (1, 40))  # block_size is 16
+        with torch.no_grad():
+            full = model(idx)
+            cache = model.init_kv_cache(1, max_seq_len=40)
+            first = model(idx[:, :30], kv_cache=cache)
+            last = model(idx[:, 30:], kv_cache=cache)
+        torch.testing.assert_close(torch.cat([first, last], 1), full, **TOL)
+
+
+def test_dropout_only_in_training() -> None:
+    model = build(dropout=0.5)
+    idx = torch.randint(0, V, (2, 8))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+# ------------------------------------------------------------------- init and counting
+
+
+def test_initial_loss_is_about_ln_vocab() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 512, (8, 33))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    assert abs(loss.item() - math.log(512)) < 0.1
+
+
+def test_residual_projections_scaled_init() -> None:
+    model = GPT(ModelConfig(vocab_size=512, n_layer=8, n_head=4, n_embd=128))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    assert model.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_weight_tying_and_param_counts() -> None:
+    tied, untied = build(), build(tie_weights=False)
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.num_params() - tied.num_params() == V * 32
+    # non-embedding drops wte (and the learned wpe); an untied lm_head still counts.
+    assert tied.num_params() - tied.num_params(non_embedding=True) == V * 32 + 16 * 32
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True) + V * 32
+    assert tied.flops_per_token() > 6 * tied.num_params(non_embedding=True)
+
+
+def test_param_groups() -> None:
+    model = build(qk_norm=True)
+    decay, no_decay = model.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    params = list(model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == len(params)
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p is not model.transformer.wte.weight for p in decay["params"])
+    with_emb, _ = model.param_groups(0.1, decay_embeddings=True)
+    assert any(p is model.transformer.wte.weight for p in with_emb["params"])
+
+
+def test_gated_mlp_keeps_params_matched() -> None:
+    cfg = ModelConfig(n_embd=384, mlp_multiple_of=64)
+    gated, plain = mlp_hidden_size(cfg, gated=True), mlp_hidden_size(cfg, gated=False)
+    assert plain == 4 * 384 and gated == 1024 and gated % 64 == 0  # 2/3 * 1536 = 1024
+    assert 3 * gated == 2 * plain
+    a = build(activation="swiglu").transformer.h[0].mlp
+    b = build(activation="gelu").transformer.h[0].mlp
+    ratio = sum(p.numel() for p in a.parameters()) / sum(p.numel() for p in b.parameters())
+    assert 0.95 < ratio < 1.1
+    assert mlp_hidden_size(ModelConfig(mlp_hidden=100), gated=True) == 100
+
+
+def test_buffers_not_in_state_dict() -> None:
+    for pos in POSITIONS:
+        keys = build(pos=pos).state_dict().keys()
+        assert not any(k.split(".")[-1] in ("cos", "sin", "pe", "slopes") for k in keys)
+
+
+def test_nano_model_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 64, (4, 17))
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-2)
+    for _ in range(80):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(n_embd=30, n_head=4), ["n_embd=30", "n_head=4"]),
+        (dict(n_head=4, n_kv_head=3), ["n_kv_head=3"]),
+        (dict(n_embd=12, n_head=4, pos="rope"), ["rope", "odd"]),
+        (dict(norm="batchnorm"), ["batchnorm", "layernorm, rmsnorm"]),
+        (dict(activation="tanh"), ["tanh", "geglu, gelu, relu, silu, swiglu"]),
+        (dict(pos="xpos"), ["xpos", "alibi, learned, none, rope, sinusoidal"]),
+        (dict(attn_impl="flash"), ["attn_impl", "sdpa"]),
+        (dict(dropout=1.0), ["dropout"]),
+        (dict(n_layer=0), ["n_layer"]),
+        (dict(logit_softcap=0.0), ["logit_softcap"]),
+    ],
+)
+def test_bad_config_fails_at_construction(kw: dict, words: list[str]) -> None:
+    with pytest.raises(TinyLLMError) as e:
+        GPT(tiny(**kw))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_config_key() -> None:
+    with pytest.raises(TinyLLMError, match="n_layers"):
+        ModelConfig.from_dict({"n_layers": 3})
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
+def test_sequence_longer_than_block_size(pos: str) -> None:
+    model = build(pos=pos)
+    with pytest.raises(TinyLLMError, match="block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = model.init_kv_cache(1, max_seq_len=32)
+    model(torch.zeros(1, 16, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(TinyLLMError, match="block_size=16"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_kv_cache_misuse() -> None:
+    model = build(pos="rope")
+    cache = model.init_kv_cache(2, max_seq_len=8)
+    assert cache.k.shape == (2, 2, 4, 8, 8) and cache.max_seq_len == 8
+    with pytest.raises(TinyLLMError, match="batch size 2"):
+        model(torch.zeros(3, 4, dtype=torch.long), kv_cache=cache)
+    model(torch.zeros(2, 6, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(TinyLLMError, match="full"):
+        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
