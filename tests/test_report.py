@@ -204,6 +204,12 @@ def test_partial_sweep_failed_and_running(tmp_path: Path, capsys: pytest.Capture
     assert rope.counts() == {"running": 2} and rope.n == 0 and rope.mean is None
     assert rope.p_value is None and rope.delta is None
 
+    rows = summarize(sweep, "val/bpb", baseline="pos=rope")  # a baseline with no results
+    assert rows[0].delta is None and rows[0].p_value is None
+    assert main([str(root), "--baseline", "pos=rope"]) == 0
+    assert "has no completed run" in (root / "report.md").read_text()
+    capsys.readouterr()
+
     assert main([str(root)]) == 0
     report = (root / "report.md").read_text()
     assert "5 job(s) of 6 in the sweep" in report
@@ -239,6 +245,10 @@ def test_not_a_multirun(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([str(tmp_path / "single")]) == 2
     assert "single run" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "report.md").exists()
+    # the date folder above the multirun folders: point at them
+    write_multirun(tmp_path / "multirun" / "2026-11-22" / "01-00-00", ["pos=rope"])
+    assert main([str(tmp_path / "multirun")]) == 2
+    assert "2026-11-22/01-00-00; pass one of them" in capsys.readouterr().err
 
 
 def test_no_metrics_anywhere_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

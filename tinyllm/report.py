@@ -185,6 +185,12 @@ def build_report(
 
             plots["scaling"] = plot_scaling(rows, fit, metric, out_dir / f"{slug}_vs_params.png")
 
+    base = next(r for r in rows if r.is_baseline)
+    if base.mean is None:
+        sweep.warnings.append(
+            f"the baseline {base.label} has no completed run with a final {metric} yet, so "
+            "there is no Δ or p-value; pick another with --baseline"
+        )
     header, cells = table_rows(sweep, rows, metric)
     md = _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_note, band)
     report = out_dir / "report.md"
@@ -266,7 +272,9 @@ def _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_n
         lines += [
             "## Validation curves",
             "",
-            f"Mean over seeds (completed and running runs), band: {what} over seeds.",
+            f"Mean over seeds (completed and running runs; failed runs left out), band: {what} "
+            "over seeds. The y axis is zoomed onto the last 90% of training when the first "
+            "evaluations would squash the differences.",
             "",
         ]
         for k in ("step", "time"):
@@ -287,7 +295,7 @@ def _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_n
                 else "log-log linear fit with c = 0 (too few sizes, or curve_fit failed)"
             )
             lines += [
-                f"Fit over {fit.n_points} runs: `{fit}` ({how}).",
+                f"Fit over {fit.n_points} runs (N = `params` from metrics.json): `{fit}` ({how}).",
                 "",
                 f"a = {fit.a:.6g}, alpha = {fit.alpha:.6g}, c = {fit.c:.6g}",
                 "",
@@ -335,7 +343,9 @@ def _print_table(result: dict, sweep: Sweep, metric: str) -> None:
     from rich.table import Table
 
     # escape: overrides and errors may hold [brackets] that rich would read as markup
-    console = Console()
+    # piped or captured output: a wide console rather than rich's 80-column default, so that
+    # the table is not wrapped into unreadable cells in logs
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     table = Table(title=escape(f"{sweep.root}  ({metric})"))
     for h in result["header"]:
         table.add_column(escape(h), overflow="fold")

@@ -162,7 +162,8 @@ def _not_a_multirun(root: Path) -> TinyLLMError:
             "e.g. outputs/multirun/<date>/<time>."
         )
     else:
-        nested = sorted(p for p in root.glob("*/*") if (p / "multirun.yaml").is_file())
+        below = [*root.glob("*"), *root.glob("*/*")]  # outputs/multirun/<date>[/<time>]
+        nested = sorted(p for p in below if (p / "multirun.yaml").is_file())
         if nested:
             shown = ", ".join(str(p) for p in nested[:5])
             hint = f" Multirun folders found below it: {shown}; pass one of them."
