@@ -91,7 +91,10 @@ def _parse_array(path: Path, text: str) -> list[tuple[Any, str]]:
             "or a trailing comma before `]`)."
         ) from None
     if not isinstance(data, list):
-        raise TinyLLMError(f"Q&A file {str(path)!r} must hold a JSON array of records.")
+        raise TinyLLMError(
+            f"Q&A file {str(path)!r} must hold a JSON array of records. Fix: write records "
+            f"like {_EXAMPLE}."
+        )
     lines = _array_item_lines(text, len(data))
     return [(rec, f"record {i + 1} (line {lines[i]})") for i, rec in enumerate(data)]
 
@@ -157,14 +160,16 @@ def _validate_messages(at: str, messages: Any) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise TinyLLMError(
             f'{at}: `messages` must be a non-empty list of {{"role", "content"}} objects, got '
-            f"{_short(messages)}."
+            f"{_short(messages)}. Fix: list the turns, e.g. "
+            '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}].'
         )
     out: list[Message] = []
     for i, m in enumerate(messages, 1):
         here = f"{at}, message {i}"
         if not isinstance(m, dict):
             raise TinyLLMError(
-                f'{here}: must be an object {{"role": ..., "content": ...}}, got {_short(m)}.'
+                f'{here}: must be an object {{"role": ..., "content": ...}}, got {_short(m)}. '
+                "Fix: write each turn as such an object."
             )
         role = m.get("role")
         if role not in ROLES:
