@@ -1,0 +1,358 @@
+"""TokenBinDataModule: token bins -> (x, y) batches, on one process or many.
+
+Training draws random windows of block_size + 1 tokens (x = the first T, y = the last T).
+Every batch is a pure function of (seed, step, rank, world size):
+
+    start of global row j at `step` = hash(seed, step, j) mod (n - T)
+    this rank's rows: j in [rank * batch_size, (rank + 1) * batch_size)
+
+so ranks draw different windows, the union over ranks is exactly the batch one process with
+batch_size * world_size would see, and resuming only needs the step: the sampler starts at
+`trainer.global_step * accumulate_grad_batches` (micro-batches already consumed).
+
+Validation uses fixed non-overlapping windows (all of them by default, or `val_windows`
+evenly spaced ones), the same on every run; each rank takes a contiguous share, no padding.
+
+Speed: a whole batch is one numpy fancy-index on the memmap (no per-sample Python), and the
+DataLoader runs with batch_size=None so nothing is collated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tinyllm.data.prepare import read_meta
+from tinyllm.errors import TinyLLMError
+
+
+class _Bin:
+    """A token bin opened lazily: each DataLoader worker maps the file itself (never pickled)."""
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        self.path, self.dtype = Path(path), dtype
+        self._data: np.ndarray | None = None
+        self._offsets: dict[int, np.ndarray] = {}
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            # a plain ndarray view of the map: indexing it skips np.memmap's subclass overhead
+            self._data = np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r"))
+        return self._data
+
+    def __len__(self) -> int:
+        return self.path.stat().st_size // np.dtype(self.dtype).itemsize
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "dtype": self.dtype, "_data": None, "_offsets": {}}
+
+    def rows(self, starts: np.ndarray, length: int) -> torch.Tensor:
+        """data[s : s + length] for each start -> LongTensor [len(starts), length]."""
+        if length not in self._offsets:
+            self._offsets[length] = np.arange(length, dtype=np.int64)
+        idx = starts[:, None] + self._offsets[length]  # (N, length)
+        return torch.from_numpy(self.data[idx].astype(np.int64))
+
+    def windows(self, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows data[s : s + length] -> (x, y) LongTensors [len(starts), length - 1]."""
+        rows = self.rows(starts, length)  # (B, T + 1)
+        # x: the inputs (B, T); y: the next tokens (B, T); contiguous so .view(-1) works
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+BLOCK_STEPS = 16  # training batches gathered at once (amortises numpy's per-call overhead)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a stateless, well-mixed uint64 -> uint64 hash (vectorised)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class TrainBatches(Dataset):
+    """Index = micro-batch step; item = this rank's whole (x, y) batch for that step."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str,
+        block_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.bin = _Bin(Path(path), dtype)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.high = len(self.bin) - block_size  # exclusive bound on starts (window = T + 1)
+        self._block: int | None = None
+        self._rows: torch.Tensor | None = None
+        if self.high < 1:
+            raise TinyLLMError(
+                f"{path} holds {len(self.bin)} tokens, fewer than one window of block_size + 1 "
+                f"= {block_size + 1}. Use a larger corpus or a smaller model.block_size."
+            )
+
+    def starts(self, step: int) -> np.ndarray:
+        """Window starts of this rank's rows at `step` (int64 [batch_size])."""
+        return self._block_starts(step, 1)
+
+    def _block_starts(self, first: int, steps: int) -> np.ndarray:
+        """Starts for `steps` consecutive steps from `first`, flat [steps * batch_size].
+
+        A counter-based hash of (seed, step, global row): any step is reachable in O(1)
+        (resume, any rank layout) and a block costs a handful of vectorised numpy ops (a
+        seeded np.random.Generator per step would cost ~50x more)."""
+        b = self.batch_size
+        row = np.arange(self.rank * b, (self.rank + 1) * b, dtype=np.uint64)  # global rows
+        step = np.arange(first, first + steps, dtype=np.uint64)[:, None]
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+            key = _mix(np.asarray([self.seed & (2**64 - 1)], dtype=np.uint64) + _GOLDEN)
+            h = _mix(key ^ _mix(step * np.uint64(self.batch_size * self.world_size) + row))
+        # (steps, B) -> (steps * B,); the modulo bias is < high / 2**64: negligible
+        return (h.reshape(-1) % np.uint64(self.high)).astype(np.int64)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Steps come in order, so windows are gathered for a block of steps at once and
+        # handed out in slices: one numpy gather per BLOCK_STEPS batches.
+        block, i = divmod(int(step), BLOCK_STEPS)
+        if self._block != block:
+            starts = self._block_starts(block * BLOCK_STEPS, BLOCK_STEPS)
+            self._rows = self.bin.rows(starts, self.block_size + 1)
+            self._block = block
+        rows = self._rows[i * self.batch_size : (i + 1) * self.batch_size]  # (B, T + 1)
+        # x: the inputs (B, T); y: the next tokens (B, T); contiguous so .view(-1) works
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_block": None, "_rows": None}
+
+
+class StepSampler(Sampler[int]):
+    """Yields step numbers from `position` on; the main process owns it, so its position
+    is the true count of batches handed out (workers only see the numbers)."""
+
+    def __init__(self, length: int, position: int = 0) -> None:
+        self.length, self.position = length, position
+
+    def __iter__(self) -> Iterator[int]:
+        # one "epoch" = `length` steps; the stream continues across epochs, never restarts
+        for _ in range(self.length):
+            step = self.position
+            self.position += 1
+            yield step
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ValBatches(Dataset):
+    """Fixed non-overlapping windows [k*T, k*T + T + 1), this rank's contiguous share."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str,
+        block_size: int,
+        batch_size: int,
+        num_windows: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.bin = _Bin(Path(path), dtype)
+        self.block_size, self.batch_size = block_size, batch_size
+        total = (len(self.bin) - 1) // block_size
+        if total < 1:
+            raise TinyLLMError(
+                f"The validation split {path} holds {len(self.bin)} tokens, fewer than one "
+                f"window of block_size + 1 = {block_size + 1}. Prepare with a larger "
+                "data.val_fraction / data.val_tokens, or use a smaller model.block_size."
+            )
+        k = total if num_windows is None else max(1, min(int(num_windows), total))
+        # k of the total windows, evenly spaced over the split (all of them by default)
+        chosen = np.linspace(0, total - 1, k).round().astype(np.int64) if k < total else None
+        all_starts = (chosen if chosen is not None else np.arange(total)) * block_size
+        self.all_starts = all_starts  # identical for every rank layout
+        self.starts = np.array_split(all_starts, world_size)[rank]
+
+    def __len__(self) -> int:
+        return -(-len(self.starts) // self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.starts[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.bin.windows(starts, self.block_size + 1)
+
+
+class TokenBinDataModule(L.LightningDataModule):
+    """Batches of (x, y) LongTensor [B, T] from a folder written by tinyllm.prepare."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        block_size: int,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_windows: int | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        epoch_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(self.data_dir)
+        self.block_size, self.batch_size = int(block_size), int(batch_size)
+        self.num_workers, self.seed, self.val_windows = int(num_workers), int(seed), val_windows
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.epoch_steps = epoch_steps
+        self._tokenizer: Any = None
+        self._sampler: StepSampler | None = None
+        self._loaded_position: int | None = None
+
+    # ------------------------------------------------------------------ checks and tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer the bins were written with (checked against meta's sha256)."""
+        if self._tokenizer is None:
+            from tinyllm.tokenizer import BPETokenizer
+
+            tok = BPETokenizer.load(self.data_dir / "tokenizer.json")
+            if tok.sha256() != self.meta["tokenizer_sha256"]:
+                raise TinyLLMError(
+                    f"{self.data_dir}/tokenizer.json does not match meta.json's tokenizer_sha256:"
+                    " the bins were written with another tokenizer. Re-run "
+                    f"`python -m tinyllm.prepare ... out_dir={self.data_dir} force=true`."
+                )
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def check_compatible(self, vocab_size: int, block_size: int) -> None:
+        """Raise TinyLLMError unless a model with these sizes can train on these bins."""
+        need = int(self.meta["vocab_size"])
+        if int(vocab_size) < need:
+            raise TinyLLMError(
+                f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({need} "
+                f"ids, {self.data_dir}/meta.json): token ids would index past the embedding. "
+                f"Set model.vocab_size={need} (or larger) or prepare with a smaller "
+                "tokenizer.vocab_size."
+            )
+        if self.block_size > int(block_size):
+            raise TinyLLMError(
+                f"The data module's block_size={self.block_size} exceeds the model's "
+                f"block_size={block_size}; use the same value for both."
+            )
+        for split in ("train", "val"):
+            n = int(self.meta["splits"][split]["tokens"])
+            if n < self.block_size + 1:
+                raise TinyLLMError(
+                    f"The {split} split of {self.data_dir} has {n} tokens, fewer than one "
+                    f"window of block_size + 1 = {self.block_size + 1}. Lower block_size, "
+                    "or prepare more text (a larger corpus or a larger data.val_fraction)."
+                )
+
+    # ------------------------------------------------------------------ distributed layout
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _start_position(self) -> int:
+        """Micro-batches already consumed: from the Trainer when attached (resume continues
+        the same stream), else from load_state_dict, else 0."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        return self._loaded_position or 0
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(
+            dataset,
+            batch_size=None,  # items are whole batches already
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def train_dataset(self) -> TrainBatches:
+        rank, world = self._rank_world()
+        return TrainBatches(
+            self.data_dir / "train.bin",
+            self.meta["dtype"],
+            self.block_size,
+            self.batch_size,
+            self.seed,
+            rank,
+            world,
+        )
+
+    def val_dataset(self) -> ValBatches:
+        rank, world = self._rank_world()
+        return ValBatches(
+            self.data_dir / "val.bin",
+            self.meta["dtype"],
+            self.block_size,
+            self.batch_size,
+            self.val_windows,
+            rank,
+            world,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.train_dataset()
+        if self.epoch_steps is not None:
+            length = int(self.epoch_steps)
+        else:  # one "epoch" ~ one pass over the training tokens
+            length = len(ds.bin) // (self.block_size * self.batch_size * ds.world_size)
+        self._sampler = StepSampler(max(1, length), self._start_position())
+        return self._loader(ds, self._sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset())
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            position = self._start_position()
+        elif self._sampler is not None:
+            position = self._sampler.position
+        else:
+            position = self._loaded_position or 0
+        return {
+            "seed": self.seed,
+            "position": position,
+            "tokenizer_sha256": self.meta["tokenizer_sha256"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (
+            state.get("tokenizer_sha256", self.meta["tokenizer_sha256"])
+            != self.meta["tokenizer_sha256"]
+        ):
+            raise TinyLLMError(
+                f"The checkpoint was trained on data with another tokenizer than {self.data_dir} "
+                "(tokenizer_sha256 differs); resume with the same data folder."
+            )
+        self.seed = int(state.get("seed", self.seed))
+        self._loaded_position = int(state.get("position", 0))
+        if self._sampler is not None:
+            self._sampler.position = self._loaded_position
