@@ -309,7 +309,8 @@ def test_sweeper_params_declare_swept_keys_before_they_vary(tmp_path: Path) -> N
     """A study sweep (experiment=...) declares its sweep in hydra.sweeper.params; after its
     first three jobs only the seed has varied, yet `pos` is still a swept column."""
     root = tmp_path / "mr"
-    write_multirun(root, ["experiment=pos"], params={"pos": "learned,rope", "seed": "range(3)"})
+    params = {"pos": ["learned", "rope"], "seed": "range(3)"}
+    write_multirun(root, ["experiment=pos"], params=params)
     for s in range(3):
         write_job(
             root,

@@ -294,7 +294,9 @@ def _declared_sweep(root: Path) -> tuple[dict[str, str], str | None, list[str]]:
     declared: dict[str, str] = {}
     params = (hydra.get("sweeper") or {}).get("params") or {}
     if isinstance(params, dict):
-        declared.update({str(k).lstrip("+"): str(v) for k, v in params.items()})
+        for k, v in params.items():  # a YAML list is the same sweep as "a,b,c"
+            v = ",".join(str(x) for x in v) if isinstance(v, list) else str(v)
+            declared[str(k).lstrip("+")] = v
     task = (hydra.get("overrides") or {}).get("task") or []
     declared.update(split_override(o) for o in task)  # the command line wins over params
     job_name = (hydra.get("job") or {}).get("name") or "train"
