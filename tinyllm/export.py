@@ -1,0 +1,289 @@
+"""Export a tinyllm model to a Hugging Face directory (Llama or GPT-2 layout).
+
+    python -m tinyllm.export ckpt=PATH out=DIR [dtype=float32|bfloat16|float16]   (contract)
+
+writes DIR/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+generation_config.json}, which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
+and runs with the same logits as ours. Two architectures have a standard equivalent:
+
+- Llama:  pos=rope + norm=rmsnorm + activation=swiglu (any n_kv_head; bias on or off).
+  Our rope uses the same half-split layout as HF's `rotate_half`, so q/k need no permutation.
+- GPT-2:  pos=learned + norm=layernorm + activation=gelu, n_kv_head = n_head. HF's GPT-2 uses
+  Conv1D (weight stored as (in, out)), so our Linear weights are transposed; our GELU is the
+  exact erf form, written as `activation_function: gelu` (not GPT-2's tanh `gelu_new`).
+
+Anything else (alibi, qk-norm, post-norm, soft-capping, ...) is refused with a message naming
+the part that has no standard equivalent. `export_hf(model, tokenizer, out_dir)` is the pure
+conversion, usable on a model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyllm.errors import TinyLLMError
+from tinyllm.model import GPT, ModelConfig
+
+# What each family requires: option -> (required value, how to say it).
+_LLAMA = {"pos": "rope", "norm": "rmsnorm", "activation": "swiglu"}
+_GPT2 = {"pos": "learned", "norm": "layernorm", "activation": "gelu"}
+
+
+def _mismatches(c: ModelConfig, family: str) -> list[str]:
+    """The parts of `c` that the HF family cannot represent, as `option=value` phrases."""
+    need = _LLAMA if family == "llama" else _GPT2
+    bad = [f"{k}={getattr(c, k)} (needs {v})" for k, v in need.items() if getattr(c, k) != v]
+    if family == "gpt2" and c.kv_heads != c.n_head:
+        bad.append(f"n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)")
+    if c.qk_norm:
+        bad.append("qk_norm=true (no qk-norm in this architecture)")
+    if c.post_norm:
+        bad.append("post_norm=true (both are pre-norm)")
+    if c.logit_softcap is not None:
+        bad.append(f"logit_softcap={c.logit_softcap} (no logit soft-capping)")
+    return bad
+
+
+def hf_family(config: ModelConfig) -> str:
+    """ "llama" or "gpt2", or a TinyLLMError naming the parts without a standard equivalent."""
+    misses = {f: _mismatches(config, f) for f in ("llama", "gpt2")}
+    for family, bad in misses.items():
+        if not bad:
+            return family
+    # Explain against the closer family: that is the one the user most likely meant.
+    family = min(misses, key=lambda f: len(misses[f]))
+    name = {"llama": "Llama", "gpt2": "GPT-2"}[family]
+    raise TinyLLMError(
+        f"Cannot export this model to Hugging Face format: it is closest to {name}, but "
+        f"{'; '.join(misses[family])} has no standard equivalent there. Exportable models are "
+        "Llama (pos=rope norm=rmsnorm activation=swiglu, any n_kv_head) and GPT-2 "
+        "(pos=learned norm=layernorm activation=gelu, n_kv_head=n_head), without qk_norm, "
+        "post_norm or logit_softcap. Train with those options to export, or use the tinyllm "
+        "checkpoint directly (tinyllm.load_checkpoint)."
+    )
+
+
+def _split_qkv(c: ModelConfig, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Our fused c_attn rows are [q (H*D) | k (Hkv*D) | v (Hkv*D)]; works for weight and bias."""
+    D = c.head_dim
+    return t.split([c.n_head * D, c.kv_heads * D, c.kv_heads * D], dim=0)
+
+
+def _llama(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    c = model.config
+    sd = model.state_dict()
+    hidden = model.transformer.h[0].mlp.hidden
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd,
+        "intermediate_size": hidden,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps,
+        # transformers >= 5 reads rope_parameters; 4.x reads rope_theta.
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_theta": c.rope_theta,
+        "attention_bias": c.bias,
+        "mlp_bias": c.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": c.tie_weights,
+        "initializer_range": c.init_std,
+    }
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"]}
+    kinds = ("weight", "bias") if c.bias else ("weight",)
+    for i in range(c.n_layer):
+        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        out[hf + "input_layernorm.weight"] = sd[ours + "ln_1.weight"]
+        out[hf + "post_attention_layernorm.weight"] = sd[ours + "ln_2.weight"]
+        for kind in kinds:
+            q, k, v = _split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
+            out[hf + f"self_attn.q_proj.{kind}"] = q
+            out[hf + f"self_attn.k_proj.{kind}"] = k
+            out[hf + f"self_attn.v_proj.{kind}"] = v
+            out[hf + f"self_attn.o_proj.{kind}"] = sd[ours + f"attn.c_proj.{kind}"]
+            # Our fused c_fc rows are [gate (hidden) | up (hidden)].
+            gate, up = sd[ours + f"mlp.c_fc.{kind}"].split(hidden, dim=0)
+            out[hf + f"mlp.gate_proj.{kind}"] = gate
+            out[hf + f"mlp.up_proj.{kind}"] = up
+            out[hf + f"mlp.down_proj.{kind}"] = sd[ours + f"mlp.c_proj.{kind}"]
+    out["model.norm.weight"] = sd["transformer.ln_f.weight"]
+    if not c.tie_weights:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return cfg, out
+
+
+def _gpt2(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    c = model.config
+    sd = model.state_dict()
+    cfg = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": model.transformer.h[0].mlp.hidden,
+        "activation_function": "gelu",  # exact erf GELU, as ours (GPT-2's own is gelu_new)
+        "layer_norm_epsilon": c.norm_eps,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": c.tie_weights,
+        "initializer_range": c.init_std,
+    }
+
+    def bias(key: str, size: int) -> torch.Tensor:
+        # HF's GPT-2 always has biases; a model trained with bias=false exports zeros.
+        return sd[key] if key in sd else torch.zeros(size)
+
+    C = c.n_embd
+    out = {"transformer.wte.weight": sd["transformer.wte.weight"]}
+    out["transformer.wpe.weight"] = sd["pos.wpe.weight"]
+    for i in range(c.n_layer):
+        ours, hf = f"transformer.h.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[hf + f"{ln}.weight"] = sd[ours + f"{ln}.weight"]
+            out[hf + f"{ln}.bias"] = bias(ours + f"{ln}.bias", C)
+        # Conv1D stores weights as (in, out): the transpose of nn.Linear's (out, in).
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            w = sd[ours + f"{name}.weight"]
+            out[hf + f"{name}.weight"] = w.t()
+            out[hf + f"{name}.bias"] = bias(ours + f"{name}.bias", w.size(0))
+    out["transformer.ln_f.weight"] = sd["transformer.ln_f.weight"]
+    out["transformer.ln_f.bias"] = bias("transformer.ln_f.bias", C)
+    if not c.tie_weights:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return cfg, out
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write via a temporary name beside `path`, then rename: no half-written files."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def export_hf(
+    model: GPT,
+    tokenizer: Any | None,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write `model` (and `tokenizer`, a BPETokenizer, if given) as a Hugging Face directory.
+
+    Returns the directory. Raises TinyLLMError (before writing anything) for architectures
+    without a standard equivalent.
+    """
+    from safetensors.torch import save_file
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model exports its module
+    family = hf_family(model.config)
+    cfg, tensors = (_llama if family == "llama" else _gpt2)(model)
+    # safetensors refuses shared or strided storage: give every tensor its own contiguous copy.
+    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()}
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")
+    special = {}
+    if tokenizer is not None:
+        special = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
+    cfg.update(special)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(
+        out / "model.safetensors",
+        lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+    )
+    _write_json(out / "config.json", cfg)
+    _write_json(out / "generation_config.json", {k: v for k, v in special.items() if v is not None})
+    if tokenizer is not None:
+        tokenizer.save_hf(out / "tokenizer.json")
+        id_to_tok = {i: s for s, i in tokenizer.special_tokens.items()}
+        tok_cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model.config.block_size,
+            "clean_up_tokenization_spaces": False,
+        }
+        for role in ("bos", "eos", "pad"):
+            tid = getattr(tokenizer, f"{role}_id")
+            if tid is not None and tid in id_to_tok:
+                tok_cfg[f"{role}_token"] = id_to_tok[tid]
+        _write_json(out / "tokenizer_config.json", tok_cfg)
+    return out
+
+
+# ------------------------------------------------------------------------------ CLI
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(ckpt: str, out: str, dtype: str = "float32") -> Path:
+    from tinyllm import load_checkpoint
+    from tinyllm.checkpoint import resolve_ckpt
+
+    if not ckpt or not out:
+        raise TinyLLMError(
+            "tinyllm.export needs both `ckpt=PATH` (a .ckpt, a run directory or `latest`) and "
+            "`out=DIR` (the Hugging Face directory to write), e.g. "
+            "`python -m tinyllm.export ckpt=latest out=exported/my-model`."
+        )
+    if dtype not in _DTYPES:
+        raise TinyLLMError(
+            f"Unknown dtype={dtype!r} for tinyllm.export. Valid: {', '.join(_DTYPES)}."
+        )
+    path = resolve_ckpt(ckpt)
+    model, tokenizer = load_checkpoint(str(path))
+    family = hf_family(model.config)  # refuse before anything is written
+    out_dir = export_hf(model, tokenizer, out, dtype=_DTYPES[dtype])
+    name = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+    print(
+        f"exported {path} -> {out_dir}/ as {name} ({model.num_params():,} parameters, {dtype}).\n"
+        f"load it with: AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
+    )
+    return out_dir
+
+
+def _hydra_main() -> None:
+    import sys
+
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        try:
+            run(cfg.ckpt, cfg.out, cfg.dtype)
+        except TinyLLMError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
