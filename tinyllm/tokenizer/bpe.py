@@ -28,13 +28,9 @@ from typing import Any
 import regex
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.tokenizer import train as _train
 from tinyllm.tokenizer.patterns import pattern_name, resolve_pattern
 from tinyllm.tokenizer.train import _merge_word, count_chunks, learn_merges, text_to_bytes
-
-try:  # optional C fast path for encoding chunks (identical results to `_bpe` below)
-    from tinyllm.tokenizer import _fastbpe
-except ImportError:  # pragma: no cover - depends on the build
-    _fastbpe = None
 
 FORMAT_NAME = "tinyllm.bpe"
 FORMAT_VERSION = 1
@@ -147,8 +143,8 @@ class BPETokenizer:
         self._cache: dict[str, list[int]] = {}
         self._special_re: dict[frozenset[str], Any] = {}
         self._c = None
-        if _fastbpe is not None:
-            self._c = _fastbpe.Encoder(self.byte_ids, [m for m in self.merges])
+        if _train._fastbpe is not None:  # C fast path for chunks (same results as `_bpe`)
+            self._c = _train._fastbpe.Encoder(self.byte_ids, [m for m in self.merges])
 
     # ---------------------------------------------------------------- properties
     @property

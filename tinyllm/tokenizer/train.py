@@ -32,10 +32,14 @@ import regex
 
 from tinyllm.errors import TinyLLMError
 
-try:  # optional C fast path (setup.py builds it; identical results to the Python below)
-    from tinyllm.tokenizer import _fastbpe
-except ImportError:  # pragma: no cover - depends on the build
-    _fastbpe = None
+# Optional C fast path (setup.py builds it; identical results to the Python here and in
+# bpe.py). TINYLLM_PURE_PYTHON=1 switches it off, e.g. to step through the Python in a debugger.
+_fastbpe = None
+if not os.environ.get("TINYLLM_PURE_PYTHON"):
+    try:
+        from tinyllm.tokenizer import _fastbpe
+    except ImportError:  # pragma: no cover - depends on the build
+        _fastbpe = None
 
 BLOCK_CHARS = 1 << 20  # text is pre-tokenized in ~1M-character blocks (bounded memory)
 
@@ -66,7 +70,7 @@ def count_chunks(
     for doc in docs:
         if isinstance(doc, os.PathLike):
             try:
-                f = open(doc, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+                f = open(doc, encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
             except OSError as e:
                 raise TinyLLMError(
                     f"cannot read training file {str(doc)!r} ({e.strerror}); check the path."
