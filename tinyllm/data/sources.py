@@ -390,9 +390,21 @@ def _known(kind: str) -> Callable[[Mapping[str, Any]], Source]:
 
 
 def _qa(cfg: Mapping[str, Any]) -> Source:
-    from tinyllm.data import qa  # owned by the fine-tuning code; imported only when used
+    """A Q&A file as plain text documents (one rendered record each), for pretraining-style
+    prepare; fine-tuning itself goes through tinyllm.data.qa.QADataModule."""
+    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.data.qa import load_qa_records
 
-    return qa.source(cfg)
+    path = _cfg_get(cfg, "path")
+    if not path:
+        raise TinyLLMError("data=qa needs data.path=FILE (a Q&A JSON array or JSON Lines file).")
+    template = ChatTemplate.coerce(_cfg_get(cfg, "template"))
+
+    def units() -> Iterator[Unit]:
+        for i, rec in enumerate(load_qa_records(path)):
+            yield Unit(name=f"{path}#{i}", data=template.render_text(rec).encode("utf-8"))
+
+    return Source(_cfg_get(cfg, "name", "qa"), "qa", units, info={"path": str(path)})
 
 
 SOURCES: dict[str, Callable[[Mapping[str, Any]], Source]] = {

@@ -1,0 +1,35 @@
+"""python -m tinyllm.prepare: a corpus -> data/<name>-<vocab>/{tokenizer.json, *.bin, meta.json}.
+
+    python -m tinyllm.prepare                                  # the embedded pydocs corpus
+    python -m tinyllm.prepare data=text data.path=FILE tokenizer.vocab_size=N out_dir=DIR
+    python -m tinyllm.prepare data=shakespeare data.path=../shared/data/tinyshakespeare.txt
+
+The work is tinyllm.data.prepare.prepare_data; this file only reads the Hydra config
+(conf/prepare.yaml) and turns user mistakes into a one-paragraph message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from tinyllm.errors import TinyLLMError
+
+
+@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from tinyllm.data.prepare import default_data_dir, prepare_data
+
+    try:
+        out_dir = cfg.out_dir or default_data_dir(cfg.data, cfg.tokenizer, cfg.data_root)
+        path = prepare_data(cfg.data, cfg.tokenizer, out_dir, cfg.force, cfg.num_workers)
+    except TinyLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
