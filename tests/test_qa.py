@@ -270,8 +270,16 @@ def test_from_config(tmp_path: Path, tok: BPETokenizer) -> None:
         "pack": False,
         "template": {"user_prefix": "Q: "},
     }
-    dm = QADataModule.from_config(cfg, tok, block_size=32, batch_size=2)
+    dm = QADataModule.from_config(cfg, tok, block_size=64, batch_size=2)
     assert dm.template.user_prefix == "Q: " and len(dm.val_records) == 1
+    assert dm.chat_template is dm.template
+    # no tokenizer: one is trained on the file, from the `tokenizer` group's settings
+    scratch = QADataModule.from_config(
+        cfg, None, block_size=64, batch_size=2, tokenizer_cfg={"vocab_size": 280, "path": None}
+    )
+    assert scratch.tokenizer.vocab_size <= 280 and scratch.tokenizer.eos_id is not None
+    with pytest.raises(TinyLLMError, match="init_from"):
+        QADataModule.from_config(cfg, None, block_size=32, batch_size=2)
     with pytest.raises(TinyLLMError, match="data.path"):
         QADataModule.from_config({**cfg, "path": None}, tok, block_size=32, batch_size=2)
 
@@ -312,3 +320,51 @@ def test_nano_model_learns_to_answer_and_stop(tmp_path: Path, tok: BPETokenizer)
     assert exact_match(model, tok, PAIRS, max_new_tokens=60) == 1.0
     # a wrong reference is not matched
     assert exact_match(model, tok, [{"question": "Who are you?", "answer": "Nobody."}]) == 0.0
+
+
+@pytest.mark.parametrize("val_count", [0, 2])
+def test_datamodule_in_a_lightning_fit(tmp_path: Path, tok: BPETokenizer, val_count: int) -> None:
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)
+            self.val_targets = 0
+
+        def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            logits = self.emb(x)  # (B, T, V)
+            return torch.nn.functional.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX
+            )
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            return self._loss(batch)
+
+        def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            self.val_targets += int((batch[1] != IGNORE_INDEX).sum())
+            self.log("val/loss", self._loss(batch))
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    path = write(tmp_path, json.dumps(PAIRS))
+    dm = QADataModule(path, tok, block_size=64, batch_size=2, val_count=val_count)
+    model = Tiny()
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4
+    per_pass = dm.meta["splits"]["val"]["tokens"]  # every validation pass sees all val targets
+    if val_count:
+        assert per_pass > 0 and model.val_targets > 0 and model.val_targets % per_pass == 0
+    else:
+        assert per_pass == 0 and model.val_targets == 0

@@ -395,6 +395,7 @@ class QADataModule(L.LightningDataModule):
         template: ChatTemplate | Mapping[str, Any] | str | None = None,
         num_workers: int = 0,
         vocab_size: int | None = None,
+        tokenizer_pattern: str = "gpt4",
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
@@ -414,7 +415,10 @@ class QADataModule(L.LightningDataModule):
                     "its tokenizer is reused) or set `tokenizer.vocab_size` to train one on "
                     f"{str(self.path)!r}."
                 )
-            tokenizer = train_qa_tokenizer(self.records, vocab_size, self.template)
+            # from scratch: the tokenizer learns the template's words too ("Question:" ...)
+            tokenizer = train_qa_tokenizer(
+                self.records, vocab_size, self.template, pattern=tokenizer_pattern
+            )
         self.tokenizer = tokenizer
         self.template.check_tokenizer(tokenizer)
         self.pad_id = self.template.pad_id(tokenizer)
@@ -454,11 +458,19 @@ class QADataModule(L.LightningDataModule):
         tokenizer: BPETokenizer | None,
         block_size: int,
         batch_size: int,
+        tokenizer_cfg: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> QADataModule:
-        """Build from the `data` config group (conf/data/qa.yaml); `name`/`source` ignored."""
+        """Build from the `data` config group (conf/data/qa.yaml); `name`/`source` ignored.
+
+        `tokenizer_cfg` (the `tokenizer` group: vocab_size, pattern) is used only when
+        `tokenizer` is None, to train one on the Q&A file.
+        """
         skip = {"name", "source", "_target_"}
         kwargs = {k: v for k, v in dict(cfg).items() if k not in skip}
+        if tokenizer is None and tokenizer_cfg:
+            kwargs.setdefault("vocab_size", tokenizer_cfg.get("vocab_size"))
+            kwargs.setdefault("tokenizer_pattern", tokenizer_cfg.get("pattern") or "gpt4")
         if kwargs.get("path") in (None, "", "???"):
             raise TinyLLMError(
                 "data=qa needs the Q&A file: add `data.path=FILE` (a JSON array or JSON Lines "
@@ -494,6 +506,11 @@ class QADataModule(L.LightningDataModule):
                 "val": split_meta(val_ex, len(self.val_records)),
             },
         }
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The template the examples were encoded with (store `.to_dict()` in checkpoints)."""
+        return self.template
 
     def check_compatible(self, vocab_size: int, block_size: int) -> None:
         """Raise when the model cannot take these batches (ids >= vocab, windows too long)."""
