@@ -55,15 +55,22 @@ class Unit:
     path: Path | None = None
     data: bytes | None = None
 
-    def blocks(self, size: int = READ_BYTES) -> Iterator[bytes]:
+    def blocks(self, size: int | None = None) -> Iterator[bytes]:
+        size = size or READ_BYTES
         if self.data is not None:
             for i in range(0, len(self.data), size):
                 yield self.data[i : i + size]
             return
         assert self.path is not None
-        with open(self.path, "rb") as f:
-            while block := f.read(size):
-                yield block
+        try:
+            with open(self.path, "rb") as f:
+                while block := f.read(size):
+                    yield block
+        except OSError as e:
+            raise TinyLLMError(
+                f"Cannot read {self.path} ({e.strerror}). Check that it exists and is readable "
+                "(and is not moved or deleted while prepare runs), or remove it from data.path."
+            ) from None
 
 
 @dataclass
