@@ -18,10 +18,12 @@ the sequence and decoding goes on.
 
 from __future__ import annotations
 
+import codecs
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -384,3 +386,282 @@ def _cut(row: list[int], eos_id: int | None, stop_ids: Sequence[Sequence[int]]) 
                 end = i
                 break
     return row[:end]
+
+
+# --------------------------------------------------------------------------------------------
+# Text in, text out: the API under the CLI (and the training loop's sample logging)
+
+
+class TextStream:
+    """Turns generated token ids into text pieces that are safe to show.
+
+    - UTF-8 split across tokens: bytes go through an incremental decoder, which emits only
+      complete characters (a lone half of an emoji waits for its other half).
+    - Stop strings: text that could be the start of a stop string is held back until it is
+      clear it is not; when a stop string appears, the text before it is emitted and `done`
+      is set.
+    - `lead`: characters to drop from the very start (a chat template's space after
+      "Answer:"), once it is known the text starts with them.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), lead: str = "") -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.lead = lead
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # everything decoded so far (after the lead)
+        self.emitted = 0  # how much of `text` has been handed out
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the new text that can be shown (often '')."""
+        if self.done:
+            return ""
+        self.text += self.decoder.decode(self.tokenizer.token_bytes(token_id))
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The end of generation: release whatever is held back (a partial character shows
+        as U+FFFD, as in `tokenizer.decode`)."""
+        if self.done:
+            return ""
+        self.text += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.lead:
+            if not final and len(self.text) < len(self.lead) and self.lead.startswith(self.text):
+                return ""  # might still be the lead: wait
+            if self.text.startswith(self.lead):
+                self.text = self.text[len(self.lead) :]
+            self.lead = ""
+        text, e = self.text, self.emitted
+        if self.stop:
+            # A stop string cannot begin before `emitted`: any text that could have started
+            # one was held back. So search only from there.
+            hits = [i for i in (text.find(s, e) for s in self.stop) if i >= 0]
+            if hits:
+                self.done = True
+                self.emitted = min(hits)
+                self.text = text[: self.emitted]
+                return text[e : self.emitted]
+        end = len(text)
+        if self.stop and not final:
+            # hold back the longest tail that is the beginning of some stop string
+            for k in range(min(max(map(len, self.stop)) - 1, end - e), 0, -1):
+                if any(s.startswith(text[end - k :]) for s in self.stop):
+                    end -= k
+                    break
+        self.emitted = end
+        return text[e:end]
+
+
+def _prompt_ids(
+    tokenizer: Any, prompt: str | Sequence[dict[str, str]], chat_template: Any
+) -> tuple[list[int], str, list[str]]:
+    """Ids of the prompt, the lead to strip from the answer and extra stop strings."""
+    if chat_template is not None:
+        from tinyllm.data.chat import ChatTemplate
+
+        tmpl = ChatTemplate.coerce(chat_template)
+        stops = [tmpl.assistant_suffix] if tmpl.assistant_suffix else []
+        return tmpl.encode_prompt(tokenizer, prompt), tmpl.answer_lead, stops
+    if not isinstance(prompt, str):
+        raise TinyLLMError(
+            "A message list as the prompt needs a chat template (the checkpoint's "
+            "`chat_template`); without one, pass the prompt as a string."
+        )
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:  # the model needs at least one token to condition on: start a document
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise TinyLLMError(
+                "The prompt is empty and the tokenizer has neither a bos nor an eos special "
+                "token to start from. Pass a non-empty `prompt=`."
+            )
+        ids = [int(start)]
+    return ids, "", []
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _make_generator(model: nn.Module, seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=_model_device(model))
+    g.manual_seed(int(seed))
+    return g
+
+
+def generate_stream(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[dict[str, str]] = "",
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    stop: str | Sequence[str] = (),
+    stop_at_eos: bool = True,
+    chat_template: Any = None,
+    use_cache: bool = True,
+    stats: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces, as soon as each is complete.
+
+    Joining the pieces gives exactly what `generate(...)` returns for the same arguments. With
+    a `chat_template` (a ChatTemplate or its dict, as stored in fine-tuned checkpoints) the
+    prompt is a question (or a message list) and the answer ends at EOS. `stats`, when given,
+    receives {"prompt_tokens", "new_tokens"}.
+    """
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    ids, lead, extra_stops = _prompt_ids(tokenizer, prompt, chat_template)
+    text = TextStream(tokenizer, stop + extra_stops, lead)
+    eos_id = tokenizer.eos_id if stop_at_eos else None
+    if generator is None:
+        generator = _make_generator(model, seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=_model_device(model))  # [1, T]
+    steps = iter_generate_ids(
+        model,
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        eos_id=eos_id,
+        generator=generator,
+        use_cache=use_cache,
+    )
+    n = 0
+    if stats is not None:
+        stats.update(prompt_tokens=len(ids), new_tokens=0)
+    try:
+        for nxt in steps:
+            tok = int(nxt[0])
+            n += 1
+            if stats is not None:
+                stats["new_tokens"] = n
+            if tok == eos_id:
+                break
+            piece = text.push(tok)
+            if piece:
+                yield piece
+            if text.done:
+                break
+        tail = text.flush()
+        if tail:
+            yield tail
+    finally:
+        steps.close()  # also when the consumer stops early (Ctrl-C): restores the model's mode
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[dict[str, str]] = "",
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    num_samples: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    stop: str | Sequence[str] = (),
+    stop_at_eos: bool = True,
+    chat_template: Any = None,
+    use_cache: bool = True,
+    include_prompt: bool = False,
+    stats: dict[str, Any] | None = None,
+) -> str | list[str]:
+    """Continue `prompt` and return the new text (a list of num_samples texts when > 1).
+
+    The samples of num_samples > 1 are decoded as one batch. Generation stops at EOS (unless
+    stop_at_eos=False), at any of the `stop` strings (which are not included) or after
+    max_new_tokens. An empty prompt starts from BOS. `seed` makes sampling reproducible.
+    `include_prompt=True` puts the prompt text in front (not with a chat template). `stats`,
+    when given, receives {"prompt_tokens", "new_tokens"} (summed over samples).
+    """
+    if num_samples < 1:
+        raise TinyLLMError(f"num_samples={num_samples}: use a whole number >= 1.")
+    head = prompt if include_prompt and chat_template is None and isinstance(prompt, str) else ""
+    common = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        generator=generator if generator is not None else _make_generator(model, seed),
+        use_cache=use_cache,
+    )
+    if num_samples == 1:
+        out = "".join(
+            generate_stream(
+                model,
+                tokenizer,
+                prompt,
+                stop=stop,
+                stop_at_eos=stop_at_eos,
+                chat_template=chat_template,
+                stats=stats,
+                **common,
+            )
+        )
+        return head + out
+    texts = _generate_batch(
+        model, tokenizer, prompt, num_samples, stop, stop_at_eos, chat_template, stats, **common
+    )
+    return [head + t for t in texts]
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[dict[str, str]],
+    num_samples: int,
+    stop: str | Sequence[str],
+    stop_at_eos: bool,
+    chat_template: Any,
+    stats: dict[str, Any] | None,
+    **common: Any,
+) -> list[str]:
+    """num_samples continuations of one prompt, decoded as one batch of rows."""
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    ids, lead, extra_stops = _prompt_ids(tokenizer, prompt, chat_template)
+    streams = [TextStream(tokenizer, stop + extra_stops, lead) for _ in range(num_samples)]
+    pieces: list[list[str]] = [[] for _ in range(num_samples)]
+    eos_id = tokenizer.eos_id if stop_at_eos else None
+    ended = [False] * num_samples  # EOS seen or a stop string completed
+    if stats is not None:
+        stats.update(prompt_tokens=len(ids), new_tokens=0)
+
+    def on_token(nxt: Tensor) -> list[bool] | None:
+        for r, tok in enumerate(nxt.tolist()):
+            if ended[r]:
+                continue
+            if stats is not None:
+                stats["new_tokens"] += 1
+            if tok == eos_id:
+                ended[r] = True
+                continue
+            pieces[r].append(streams[r].push(tok))
+            ended[r] = streams[r].done
+        return [s.done for s in streams] if any(s.done for s in streams) else None
+
+    idx = torch.tensor([ids], dtype=torch.long, device=_model_device(model))  # [1, T]
+    # the text streams see every token through on_token, so the returned ids are not needed
+    generate_ids(model, idx, eos_id=eos_id, on_token=on_token, num_samples=num_samples, **common)
+    for s, p in zip(streams, pieces):
+        if not s.done:
+            p.append(s.flush())
+    return ["".join(p) for p in pieces]
