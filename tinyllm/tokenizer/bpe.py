@@ -346,9 +346,18 @@ class BPETokenizer:
         if num_workers == 1:
             return [self.encode(t, allowed) for t in texts]
         chunksize = max(1, len(texts) // (num_workers * 8))
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        jobs = [(t, allowed) for t in texts]
+        if "fork" in mp.get_all_start_methods():  # workers inherit this tokenizer as is
+            global _WORKER_TOK
+            _WORKER_TOK = self
+            try:
+                with mp.get_context("fork").Pool(num_workers) as pool:
+                    return pool.map(_encode_worker, jobs, chunksize=chunksize)
+            finally:
+                _WORKER_TOK = None
+        ctx = mp.get_context("spawn")  # workers rebuild it from its plain description
         with ctx.Pool(num_workers, initializer=_init_worker, initargs=(self.to_dict(),)) as pool:
-            return pool.map(_encode_worker, [(t, allowed) for t in texts], chunksize=chunksize)
+            return pool.map(_encode_worker, jobs, chunksize=chunksize)
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
