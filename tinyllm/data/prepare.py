@@ -82,6 +82,11 @@ def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(dict(cfg), default=str))
 
 
+def token_dtype(vocab_size: int) -> str:
+    """uint16 when every id fits (vocab <= 65536: half the disk and page cache), else uint32."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
 def default_data_dir(
     data_cfg: Mapping[str, Any], tokenizer_cfg: Mapping[str, Any], data_root: str | Path = "data"
 ) -> Path:
@@ -447,7 +452,7 @@ def prepare_data(
         tok = _train_tokenizer(source, res, tokenizer_cfg, plan)
     if plan is None:
         plan = _plan_split(data_cfg, res, _chars_per_token(tok, source, res))
-    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    dtype = token_dtype(tok.vocab_size)
     eos = tok.eos_id
     if eos is None:
         warnings.warn(
