@@ -12,7 +12,9 @@ import torch
 from tinyllm.data.chat import ChatTemplate
 from tinyllm.data.qa import (
     IGNORE_INDEX,
+    ExactMatchCallback,
     QADataModule,
+    _Shard,
     collate_qa,
     exact_match,
     greedy_answer,
@@ -255,6 +257,9 @@ def test_val_split_deterministic_and_disjoint(tmp_path: Path, tok: BPETokenizer)
     assert len(dm.val_dataset) == 10 and len(dm.train_dataset) == 40
     assert dm.meta["splits"]["val"]["documents"] == 10 and dm.meta["splits"]["val"]["tokens"] > 0
     assert dm.meta["chat_template"] == ChatTemplate().to_dict()
+    # under DDP each rank validates a disjoint shard, together every example once
+    shards = [list(_Shard(len(dm.val_dataset), r, 3)) for r in range(3)]
+    assert sorted(i for sh in shards for i in sh) == list(range(10))
     dm.check_compatible(tok.vocab_size, 32)
     with pytest.raises(TinyLLMError, match="vocab_size"):
         dm.check_compatible(10, 32)
@@ -280,6 +285,8 @@ def test_from_config(tmp_path: Path, tok: BPETokenizer) -> None:
     assert scratch.tokenizer.vocab_size <= 280 and scratch.tokenizer.eos_id is not None
     with pytest.raises(TinyLLMError, match="init_from"):
         QADataModule.from_config(cfg, None, block_size=32, batch_size=2)
+    with pytest.raises(TinyLLMError, match="val_fracton"):
+        QADataModule.from_config({**cfg, "val_fracton": 0.2}, tok, block_size=64, batch_size=2)
     with pytest.raises(TinyLLMError, match="data.path"):
         QADataModule.from_config({**cfg, "path": None}, tok, block_size=32, batch_size=2)
 
@@ -326,15 +333,20 @@ def test_nano_model_learns_to_answer_and_stop(tmp_path: Path, tok: BPETokenizer)
 def test_datamodule_in_a_lightning_fit(tmp_path: Path, tok: BPETokenizer, val_count: int) -> None:
     import lightning as L
 
+    from tinyllm.model import GPT, ModelConfig
+
     class Tiny(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.emb = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)
+            cfg = ModelConfig(
+                vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32
+            )
+            self.model = GPT(cfg)
             self.val_targets = 0
 
         def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
-            logits = self.emb(x)  # (B, T, V)
+            logits = self.model(x)  # (B, T, V)
             return torch.nn.functional.cross_entropy(
                 logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX
             )
@@ -351,6 +363,7 @@ def test_datamodule_in_a_lightning_fit(tmp_path: Path, tok: BPETokenizer, val_co
 
     path = write(tmp_path, json.dumps(PAIRS))
     dm = QADataModule(path, tok, block_size=64, batch_size=2, val_count=val_count)
+    em = ExactMatchCallback(dm.val_records, dm.tokenizer, dm.chat_template, max_new_tokens=4)
     model = Tiny()
     trainer = L.Trainer(
         max_steps=4,
@@ -360,11 +373,14 @@ def test_datamodule_in_a_lightning_fit(tmp_path: Path, tok: BPETokenizer, val_co
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        callbacks=[em],
     )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 4
     per_pass = dm.meta["splits"]["val"]["tokens"]  # every validation pass sees all val targets
     if val_count:
         assert per_pass > 0 and model.val_targets > 0 and model.val_targets % per_pass == 0
+        assert em.last == 0.0  # an untrained model answers nothing right
+        assert "val/exact_match" in trainer.callback_metrics
     else:
-        assert per_pass == 0 and model.val_targets == 0
+        assert per_pass == 0 and model.val_targets == 0 and em.last is None

@@ -22,16 +22,17 @@ trainer can report `exact_match` of greedy answers on held-out questions.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from tinyllm.data.chat import ROLES, ChatTemplate, Message, TokenizerLike, as_messages
 from tinyllm.errors import TinyLLMError
@@ -479,7 +480,15 @@ class QADataModule(L.LightningDataModule):
         if isinstance(kwargs.get("template"), Mapping):
             kwargs["template"] = dict(kwargs["template"])
         kwargs.update(overrides)
-        return cls(tokenizer=tokenizer, block_size=block_size, batch_size=batch_size, **kwargs)
+        valid = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise TinyLLMError(
+                f"Unknown Q&A data option(s) {unknown}. Valid options are: {sorted(valid)}. "
+                "Fix conf/data/qa.yaml or the `data.<name>=` override."
+            )
+        kwargs.update(block_size=block_size, batch_size=batch_size)
+        return cls(tokenizer=tokenizer, **kwargs)
 
     def _meta(self, train_ex: Any, val_ex: Any) -> dict[str, Any]:
         def split_meta(examples: Any, n_records: int) -> dict[str, int]:
@@ -560,12 +569,22 @@ class QADataModule(L.LightningDataModule):
         if len(self.val_dataset) == 0:
             return []
         world, rank = self._world()
-        sampler = None
-        if world > 1:
-            sampler = DistributedSampler(
-                self.val_dataset, num_replicas=world, rank=rank, shuffle=False
-            )
+        # every rank takes every world-th example, none repeated: summed losses stay exact
+        sampler = _Shard(len(self.val_dataset), rank, world) if world > 1 else None
         return self._loader(self.val_dataset, sampler)
+
+
+class _Shard(Sampler[int]):
+    """Indices rank, rank + world, ... of n: a disjoint shard per rank, without padding."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def _file_sha256(path: Path) -> str:
@@ -669,3 +688,40 @@ def exact_match(
         pred, stopped = greedy_answer(model, tokenizer, prompt, tmpl, budget)
         hits += int(stopped and pred.strip() == ref.strip())
     return hits / len(records)
+
+
+class ExactMatchCallback(L.Callback):
+    """Logs `val/exact_match` (greedy answers to held-out questions) after each validation.
+
+    Records are split across DDP ranks and the hit counts summed, so every rank runs its
+    share. Not for FSDP/model-parallel strategies (ranks would run different numbers of
+    forwards). `pl_module.<model_attr>` must be the GPT (taking idx, with `config`).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Any],
+        tokenizer: TokenizerLike,
+        template: ChatTemplate | Mapping[str, Any] | None = None,
+        max_records: int | None = 64,
+        max_new_tokens: int | None = None,
+        model_attr: str = "model",
+    ) -> None:
+        self.records = list(records)[:max_records] if max_records else list(records)
+        self.tokenizer = tokenizer
+        self.template = ChatTemplate.coerce(template)
+        self.max_new_tokens = max_new_tokens
+        self.model_attr = model_attr
+        self.last: float | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self.records:
+            return
+        mine = self.records[trainer.global_rank :: trainer.world_size]
+        model = getattr(pl_module, self.model_attr)
+        score = exact_match(model, self.tokenizer, mine, self.template, self.max_new_tokens)
+        hits = 0.0 if not mine else score * len(mine)
+        t = torch.tensor([hits, float(len(mine))], device=pl_module.device)
+        t = trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t
+        self.last = float(t[0] / t[1])
+        pl_module.log("val/exact_match", self.last, prog_bar=True, sync_dist=False)
