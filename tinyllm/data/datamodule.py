@@ -330,6 +330,9 @@ class TokenBinDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
+        """{seed, position, tokenizer_sha256}. Position: micro-batches consumed per the Trainer
+        when attached; else the batches the sampler handed out (with workers that includes
+        the ones prefetched but not yet used)."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             position = self._start_position()
