@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.model import ACTIVATIONS, GPT, NORMS, POSITIONS, ModelConfig
 from tinyllm.model.mlp import mlp_hidden_size
 
-REPO = Path(__file__).resolve().parents[1]
 V = 32  # tiny vocab keeps the matrix fast
 
 
@@ -27,17 +25,6 @@ def tiny(**kw) -> ModelConfig:
 def build(seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     return GPT(tiny(**kw))
-
-
-# --------------------------------------------------------------------------- registries
-
-
-@pytest.mark.parametrize(
-    "group, registry", [("norm", NORMS), ("activation", ACTIVATIONS), ("pos", POSITIONS)]
-)
-def test_registry_keys_match_conf_files(group: str, registry: dict) -> None:
-    files = {p.stem for p in (REPO / "conf" / group).glob("*.yaml")}
-    assert files == set(registry)
 
 
 # ------------------------------------------------------------------ architecture matrix

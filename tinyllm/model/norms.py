@@ -35,7 +35,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (the mean of squares overflows/underflows in fp16), as Llama does.
+        if x.dtype == torch.float32:  # the usual case (fp32 residual stream): one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Half precision: normalise in fp32 (a mean of squares overflows in fp16), then scale
+        # in the input dtype, exactly as Llama does.
         return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
