@@ -162,3 +162,50 @@ def test_tokenizer_and_meta_checks(data_dir: Path, tmp_path: Path) -> None:
     (copy / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(TinyLLMError, match="does not match meta.json's tokenizer_sha256"):
         _ = TokenBinDataModule(copy, T, B).tokenizer
+
+
+def test_lightning_resume_mid_epoch_equals_uninterrupted(data_dir: Path, tmp_path: Path) -> None:
+    """With a real Trainer: stop after 3 optimizer steps (x2 accumulation, mid-epoch: epochs
+    of 7 micro-batches round up to 4 steps), resume from the checkpoint, and the model sees
+    exactly the batches of an uninterrupted run, across the epoch boundary too."""
+    import warnings
+
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch, i):
+            x, _ = batch
+            self.seen.append(x[:, 0].tolist())
+            return (self.w * x.float()).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(steps: int, ckpt: str | None = None) -> tuple[list, L.Trainer]:
+        model = Probe()
+        trainer = L.Trainer(
+            max_steps=steps,
+            accumulate_grad_batches=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            default_root_dir=tmp_path,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, TokenBinDataModule(data_dir, T, B, epoch_steps=7), ckpt_path=ckpt)
+        return model.seen, trainer
+
+    full, _ = run(6)
+    first, trainer = run(3)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    rest, _ = run(6, str(tmp_path / "mid.ckpt"))
+    assert len(full) == 12 and first + rest == full

@@ -156,6 +156,22 @@ class StepSampler(Sampler[int]):
         return self.length
 
 
+class StepLoader(DataLoader):
+    """A DataLoader whose position Lightning saves and restores with the checkpoint (it is
+    "stateful" to Lightning, so mid-epoch resumes are known to be exact)."""
+
+    def __init__(self, *args: Any, position_fn: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: StepSampler = self.sampler  # type: ignore[assignment]
+        return {"position": self._position_fn() if self._position_fn else sampler.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.position = int(state["position"])  # type: ignore[attr-defined]
+
+
 class ValBatches(Dataset):
     """Fixed non-overlapping windows [k*T, k*T + T + 1), this rank's contiguous share."""
 
@@ -270,6 +286,9 @@ class TokenBinDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
     def _start_position(self) -> int:
         """Micro-batches already consumed: from the Trainer when attached (resume continues
         the same stream), else from load_state_dict, else 0."""
@@ -279,10 +298,14 @@ class TokenBinDataModule(L.LightningDataModule):
         return self._loaded_position or 0
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: StepSampler | None = None) -> DataLoader:
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        return DataLoader(
+        extra: dict[str, Any] = {}
+        if sampler is not None:
+            extra["position_fn"] = self._start_position if self._attached() else None
+        return (StepLoader if sampler is not None else DataLoader)(
             dataset,
+            **extra,
             batch_size=None,  # items are whole batches already
             sampler=sampler,
             shuffle=False,
@@ -322,7 +345,13 @@ class TokenBinDataModule(L.LightningDataModule):
             length = int(self.epoch_steps)
         else:  # one "epoch" ~ one pass over the training tokens
             length = len(ds.bin) // (self.block_size * self.batch_size * ds.world_size)
-        self._sampler = StepSampler(max(1, length), self._start_position())
+        length = max(1, length)
+        if self._attached():
+            # whole optimizer steps per epoch: Lightning steps on a partial accumulation at an
+            # epoch's end, which would break position = global_step * accumulate_grad_batches
+            accum = int(self.trainer.accumulate_grad_batches)
+            length = -(-length // accum) * accum
+        self._sampler = StepSampler(length, self._start_position())
         return self._loader(ds, self._sampler)
 
     def val_dataloader(self) -> DataLoader:
