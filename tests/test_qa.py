@@ -137,6 +137,26 @@ def test_mask_covers_exactly_answer_and_eos(tok: BPETokenizer) -> None:
     assert tok.decode(ids[:first]).endswith("Answer:")
 
 
+@pytest.mark.parametrize(
+    "question, answer",
+    [
+        ("What is <|eos|>?", "A special token, not text: <|eos|> <|bos|>."),
+        ("Multi\nline?", "Yes.\nTwo lines.\n"),
+        ("Ünïcödé — 你好?", "  Leading spaces, emoji 🙂 and Answer: inside."),
+        ("Question: nested?", "Answer: nested."),
+    ],
+)
+def test_prompt_is_prefix_and_mask_is_answer(tok: BPETokenizer, question: str, answer: str) -> None:
+    t = ChatTemplate()
+    ids, mask = t.encode_example(tok, {"question": question, "answer": answer})
+    assert ids.count(tok.eos_id) == 1 and ids.count(tok.bos_id) == 1  # text is never special
+    assert masked_text(tok, ids, mask) == f" {answer}<|eos|>"
+    prompt = t.encode_prompt(tok, question)
+    n = len(prompt)
+    assert ids[:n] == prompt and all(mask[n:]) and not any(mask[:n])
+    assert t.decode_answer(tok, ids[len(prompt) :]) == answer
+
+
 def test_multi_turn_masks_every_answer(tok: BPETokenizer) -> None:
     t = ChatTemplate()
     ids, mask = t.encode_example(tok, CHAT)
