@@ -196,6 +196,19 @@ def test_tokenizer_without_specials_is_refused() -> None:
         ChatTemplate().encode_prompt(plain, "hi")
 
 
+def test_gpt2_style_endoftext_is_bos_eos_and_pad(tmp_path: Path) -> None:
+    # GPT-2's ranks have one special, <|endoftext|>, as both bos and eos, and no pad token
+    text = [ChatTemplate().render_text(p) for p in PAIRS]
+    one = BPETokenizer.train(text, 280, special_tokens=["<|endoftext|>"])
+    assert one.bos_id == one.eos_id and one.pad_id is None
+    ids, mask = ChatTemplate().encode_example(one, PAIRS[0])
+    assert masked_text(one, ids, mask) == " I am TinyLLM.<|endoftext|>"
+    dm = QADataModule(write(tmp_path, json.dumps(PAIRS)), one, 64, 8, val_count=0)
+    assert dm.pad_id == one.eos_id  # padding is never a target, so eos pads as well
+    x, y = next(iter(dm.train_dataloader()))
+    assert ((y != IGNORE_INDEX).sum(dim=1) > 0).all()
+
+
 # ---------------------------------------------------------------------------- batching
 
 
