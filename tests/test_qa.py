@@ -298,6 +298,20 @@ def test_val_split_deterministic_and_disjoint(tmp_path: Path, tok: BPETokenizer)
         dm.check_compatible(10, 32)
 
 
+def test_train_order_is_seeded_per_epoch(tmp_path: Path, tok: BPETokenizer) -> None:
+    recs = [{"question": f"q{i}?", "answer": f"a{i}."} for i in range(20)]
+    path = write(tmp_path, json.dumps(recs))
+
+    def order(seed: int, epoch: int) -> list[list[int]]:
+        dm = QADataModule(path, tok, block_size=32, batch_size=4, val_count=0, seed=seed)
+        dl = dm.train_dataloader()
+        dl.sampler.set_epoch(epoch)  # what Lightning does at the start of every epoch
+        return [x[:, :8].tolist() for x, _ in dl]
+
+    assert order(0, 0) == order(0, 0) and order(0, 1) == order(0, 1)  # reproducible (resume)
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)  # reshuffled per epoch
+
+
 def test_from_config(tmp_path: Path, tok: BPETokenizer) -> None:
     path = write(tmp_path, json.dumps(PAIRS))
     cfg = {

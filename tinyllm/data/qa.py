@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tinyllm.data.chat import ROLES, ChatTemplate, Message, TokenizerLike, as_messages
 from tinyllm.errors import TinyLLMError
@@ -556,13 +556,12 @@ class QADataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        if world > 1:  # rank-aware on its own: works with use_distributed_sampler=False
-            sampler: Any = DistributedSampler(
-                self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
-            )
-        else:
-            g = torch.Generator().manual_seed(self.seed)
-            sampler = RandomSampler(self.train_dataset, generator=g)
+        # Rank-aware on its own (works with use_distributed_sampler=False). The order of an
+        # epoch is a function of (seed, epoch) alone: Lightning calls set_epoch, so a resumed
+        # run replays the same epoch orders (one process is the world_size=1 case).
+        sampler = DistributedSampler(
+            self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        )
         return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
