@@ -126,6 +126,11 @@ class MetricsFile(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.write(trainer, pl_module, "completed")
+        bpb = self.data.get("val/bpb") if self.data else None
+        if bpb is not None and trainer.is_global_zero:
+            # the metric of TensorBoard's hparams table; written before the loggers close
+            for logger in trainer.loggers:
+                logger.log_metrics({"hp/val_bpb": bpb}, step=trainer.global_step)
 
     @rank_zero_only
     def write(self, trainer, pl_module, status: str, error: str | None = None) -> None:

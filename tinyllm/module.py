@@ -97,7 +97,8 @@ class LitGPT(L.LightningModule):
         if nan_policy not in ("stop", "skip"):
             raise TinyLLMError(f"nan_policy={nan_policy!r}: use 'stop' or 'skip'.")
         # Plain values only: the checkpoint must rebuild everything from its hyper-parameters.
-        self.save_hyperparameters()
+        # logger=False: the tokenizer and meta are large; train.py logs a flat hparams table.
+        self.save_hyperparameters(logger=False)
         self.model = GPT(ModelConfig.from_dict(model_config))
         self.optim_cfg = OptimConfig.from_dict(optim)
         self.nan_policy = nan_policy

@@ -8,10 +8,12 @@ config (see tinyllm/launch.py for why we do not let Lightning re-run sys.argv un
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,28 @@ _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10":
 # the matmul speed-up to outweigh the casts; below this width fp32 is faster. Measured with
 # benchmarks/precision.py on the development machine (see benchmarks/README.md).
 CPU_BF16_MIN_WIDTH = 512
+
+
+class _DropNoise(logging.Filter):
+    """Lightning's advertising tip and a deprecation note from its own internals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "litlogger" not in msg and "LeafSpec" not in msg
+
+
+def _quiet_lightning_logs() -> None:
+    """Let Lightning's messages reach Hydra's handlers once (console + run log), not twice."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+        lg.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Our train sampler derives its position from the restored global step, so a mid-epoch
+    # resume continues the same stream; Lightning cannot know that and warns.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def _is_rank_zero() -> bool:
@@ -100,10 +124,13 @@ def build_data(cfg: DictConfig, block_size: int, rank_zero: bool):
     from tinyllm.data.datamodule import TokenBinDataModule
     from tinyllm.data.prepare import default_data_dir, prepare_data, read_meta
 
-    out = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(data_cfg, tok_cfg, cfg.data_root)
-    if rank_zero:
-        # Workers are started after this, so the bins exist before any of them opens them.
-        out = prepare_data(data_cfg, tok_cfg, out, force=bool(cfg.force_prepare))
+    if cfg.data_dir:  # an already prepared folder: used as it is, never written to
+        out = Path(cfg.data_dir)
+    else:
+        out = default_data_dir(data_cfg, tok_cfg, cfg.data_root)
+        if rank_zero:
+            # Workers are started after this: the bins exist before any of them opens them.
+            out = prepare_data(data_cfg, tok_cfg, out, force=bool(cfg.force_prepare))
     dm = TokenBinDataModule(
         out,
         block_size=block_size,
@@ -177,14 +204,16 @@ def _callbacks(cfg: DictConfig, run_dir: Path, tokenizer, peak_flops, extra: dic
             save_last=True,
             enable_version_counter=False,
         ),
-        LearningRateMonitor(logging_interval="step"),
         RichProgressBar(refresh_rate=10, leave=True),
     ]
+    if cfg.logger.name != "none":
+        cbs.append(LearningRateMonitor(logging_interval="step"))
     if cfg.checkpoint.every_n_steps:
         cbs.append(
             ModelCheckpoint(
                 dirpath=ckpt_dir,
                 filename="step-{step}",
+                auto_insert_metric_name=False,
                 every_n_train_steps=int(cfg.checkpoint.every_n_steps),
                 save_top_k=-1,
                 enable_version_counter=False,
@@ -213,6 +242,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from tinyllm.launch import clear_launch_env, externally_launched, launch_workers
     from tinyllm.module import LitGPT
 
+    _quiet_lightning_logs()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     rank_zero = _is_rank_zero()
@@ -354,9 +384,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
     final = dict(metrics.data)
-    if rank_zero and loggers and final.get("val/bpb") is not None:
-        loggers[0].log_metrics({"hp/val_bpb": final["val/bpb"]}, step=trainer.global_step)
-        loggers[0].finalize("success")
     if rank_zero:
         bpb = final.get("val/bpb")
         tps = final.get("train/tokens_per_s")
