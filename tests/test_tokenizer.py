@@ -407,3 +407,24 @@ def test_compression_close_to_hf_trainer(shared_data: Path) -> None:
     hf_tpb = len(hf.encode(text).ids) / n_bytes
     assert ours.vocab_size == hf.get_vocab_size() == 4096
     assert abs(ours_tpb - hf_tpb) / hf_tpb < 0.01, (ours_tpb, hf_tpb)
+
+
+def test_hf_file_converted_by_transformers(gpt2: BPETokenizer, shared_data: Path, tmp_path) -> None:
+    # a tokenizer.json written by HF's own tiktoken converter (it lists every split of a
+    # token as a merge, so one token id is made by several merges)
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    conv = TikTokenConverter(
+        vocab_file=str(shared_data / "gpt2.tiktoken"),
+        pattern=GPT2_PATTERN,
+        extra_special_tokens={"<|endoftext|>": 50256},
+    ).converted()
+    path = tmp_path / "tokenizer.json"
+    conv.save(str(path))
+    imported = BPETokenizer.from_hf(path)
+    assert imported.vocab_size == 50257 and imported.eos_id == 50256
+    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
+    text += " naïve 日本語 😀 e\u0301  \n\n\t x 1234567"
+    assert imported.encode(text) == gpt2.encode(text) == conv.encode(text).ids

@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import warnings
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,9 @@ class BPETokenizer:
         """Check the ids and derive the lookup tables."""
         if len(self.byte_ids) != 256:
             raise TinyLLMError(f"tokenizer byte_ids must list 256 ids, got {len(self.byte_ids)}.")
-        n = 256 + len(self.merges) + len(self.special_tokens)
+        # A token is usually made by one merge; HF files converted from tiktoken list every
+        # split of a token (same new id, same bytes), which is allowed.
+        n = 256 + len({m[2] for m in self.merges}) + len(self.special_tokens)
         vocab: list[bytes | None] = [None] * n
         owner: dict[int, str] = {}
 
@@ -111,16 +114,33 @@ class BPETokenizer:
         for b, i in enumerate(self.byte_ids):
             claim(i, f"byte {b}")
             vocab[i] = bytes([b])
+        # A merge's parts are normally made by earlier merges. HF's tiktoken converter also
+        # lists later-made parts, so resolve the bytes in passes until nothing changes.
+        pending = list(enumerate(self.merges))
+        while pending:
+            later = []
+            for rank, (a, b, new) in pending:
+                if not (0 <= a < n and 0 <= b < n):
+                    later = pending  # an id out of range never resolves: report it below
+                    break
+                if vocab[a] is None or vocab[b] is None:
+                    later.append((rank, (a, b, new)))
+                    continue
+                merged = vocab[a] + vocab[b]
+                if not (0 <= new < n and vocab[new] == merged and owner[new].startswith("merge")):
+                    claim(new, f"merge #{rank}")
+                vocab[new] = merged
+            if len(later) == len(pending):
+                bad = [m for m in later if not (0 <= m[1][0] < n and 0 <= m[1][1] < n)]
+                rank, (a, b, new) = (bad or later)[0]
+                raise TinyLLMError(
+                    f"tokenizer merge #{rank} ({a}, {b}) -> {new} uses an id that no byte or "
+                    "merge defines; the merges list is malformed."
+                )
+            pending = later
         ranks: dict[tuple[int, int], int] = {}
         new_ids: dict[tuple[int, int], int] = {}
         for rank, (a, b, new) in enumerate(self.merges):
-            claim(new, f"merge #{rank}")
-            if a >= n or b >= n or a < 0 or b < 0 or vocab[a] is None or vocab[b] is None:
-                raise TinyLLMError(
-                    f"tokenizer merge #{rank} ({a}, {b}) -> {new} uses an id that no earlier "
-                    "byte or merge defines; the merges list is malformed."
-                )
-            vocab[new] = vocab[a] + vocab[b]
             ranks.setdefault((a, b), rank)
             new_ids.setdefault((a, b), new)
         for name, i in self.special_tokens.items():
@@ -341,7 +361,7 @@ class BPETokenizer:
         allowed = self._allowed(allowed_special)
         if num_workers is None:
             small = sum(map(len, texts)) < (1 << 20)
-            num_workers = 1 if small else (os.cpu_count() or 1)
+            num_workers = 1 if small else _num_cores()
         num_workers = max(1, min(int(num_workers), len(texts)))
         if num_workers == 1:
             return [self.encode(t, allowed) for t in texts]
@@ -352,12 +372,14 @@ class BPETokenizer:
             _WORKER_TOK = self
             try:
                 with mp.get_context("fork").Pool(num_workers) as pool:
-                    return pool.map(_encode_worker, jobs, chunksize=chunksize)
+                    packed = pool.map(_encode_worker, jobs, chunksize=chunksize)
             finally:
                 _WORKER_TOK = None
+            return [a.tolist() for a in packed]
         ctx = mp.get_context("spawn")  # workers rebuild it from its plain description
         with ctx.Pool(num_workers, initializer=_init_worker, initargs=(self.to_dict(),)) as pool:
-            return pool.map(_encode_worker, jobs, chunksize=chunksize)
+            packed = pool.map(_encode_worker, jobs, chunksize=chunksize)
+        return [a.tolist() for a in packed]
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
@@ -475,6 +497,13 @@ class BPETokenizer:
         _atomic_write(Path(path), json.dumps(to_hf_dict(self), ensure_ascii=False, indent=1))
 
 
+def _num_cores() -> int:
+    """Cores this process may use (the affinity mask, which containers and taskset set)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -494,6 +523,7 @@ def _init_worker(d: dict[str, Any]) -> None:
     _WORKER_TOK = BPETokenizer.from_dict(d)
 
 
-def _encode_worker(args: tuple[str, frozenset[str]]) -> list[int]:
+def _encode_worker(args: tuple[str, frozenset[str]]) -> array:
     assert _WORKER_TOK is not None
-    return _WORKER_TOK.encode(*args)
+    # an array of uint32 pickles as raw bytes: far cheaper to send back than a list of ints
+    return array("I", _WORKER_TOK.encode(*args))
