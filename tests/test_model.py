@@ -289,3 +289,20 @@ def test_kv_cache_misuse() -> None:
     model(torch.zeros(2, 6, dtype=torch.long), kv_cache=cache)
     with pytest.raises(TinyLLMError, match="full"):
         model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
+
+
+def test_kv_cache_dtype_follows_autocast() -> None:
+    model = build()
+    assert model.init_kv_cache(1).k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.init_kv_cache(1)
+        assert cache.k.dtype == torch.bfloat16
+        full = model(torch.arange(8)[None])
+        step = torch.cat(
+            [
+                model(torch.arange(8)[None, :4], kv_cache=cache),
+                model(torch.arange(8)[None, 4:], kv_cache=cache),
+            ],
+            dim=1,
+        )
+    assert (full.float() - step.float()).abs().max() < 0.05

@@ -45,6 +45,10 @@ class KVCache:
         shape = (n_layer, batch_size, n_kv_head, max_seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Per-layer views made once, so a decode step only slices (no per-step indexing op).
+        # (Not unbind(): its views cannot be written in place under autograd.)
+        self.k_layers = [self.k[i] for i in range(n_layer)]
+        self.v_layers = [self.v[i] for i in range(n_layer)]
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.seq_len = 0
@@ -74,9 +78,10 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, D) at the current position; return all keys/values so far."""
         start, end = self.seq_len, self.seq_len + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # 2 x (B, n_kv, end, D)
+        k_all, v_all = self.k_layers[layer], self.v_layers[layer]  # 2 x (B, n_kv, max_T, D)
+        k_all[:, :, start:end] = k
+        v_all[:, :, start:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]  # 2 x (B, n_kv, end, D)
 
 
 class CausalSelfAttention(nn.Module):

@@ -149,16 +149,21 @@ class GPT(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> KVCache:
         """A preallocated KV cache for `batch_size` sequences of up to max_seq_len tokens
-        (default block_size), on the model's device and in its dtype unless given."""
+        (default block_size), on the model's device and in its dtype unless given; inside an
+        autocast region, in the autocast dtype (what the keys and values are computed in)."""
         p = self.transformer.wte.weight
+        device = torch.device(device) if device is not None else p.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else p.dtype
         return KVCache(
             n_layer=self.config.n_layer,
             batch_size=batch_size,
             n_kv_head=self.config.kv_heads,
             max_seq_len=max_seq_len or self.config.block_size,
             head_dim=self.config.head_dim,
-            device=device if device is not None else p.device,
-            dtype=dtype if dtype is not None else p.dtype,
+            device=device,
+            dtype=dtype,
         )
 
     # ---------------------------------------------------------------------- bookkeeping
