@@ -315,6 +315,23 @@ def test_encode_batch_parallel_equals_serial(tok: BPETokenizer) -> None:
     assert allowed[-1] == [tok.eos_id]
 
 
+def test_encode_batch_spawn_workers(tok: BPETokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS/Windows have no fork: workers rebuild the tokenizer from to_dict()
+    import tinyllm.tokenizer.bpe as bpe_mod
+
+    monkeypatch.setattr(bpe_mod.mp, "get_all_start_methods", lambda: ["spawn"])
+    texts = [CORPUS[i : i + 200] for i in range(0, 2000, 100)]
+    assert tok.encode_batch(texts, num_workers=2) == [tok.encode(t) for t in texts]
+
+
+def test_pickle_and_copy(tok: BPETokenizer) -> None:
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert clone == tok and clone.encode(CORPUS[:500]) == tok.encode(CORPUS[:500])
+
+
 # ---------------------------------------------------------------------------- interop
 
 

@@ -465,6 +465,12 @@ class BPETokenizer:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __getstate__(self) -> dict[str, Any]:  # pickle via the plain description (the C
+        return self.to_dict()  # encoder and the caches are rebuilt, not copied)
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(BPETokenizer.from_dict(d).__dict__)
+
     # ---------------------------------------------------------------- interop
     @classmethod
     def from_tiktoken(
