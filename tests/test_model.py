@@ -14,6 +14,7 @@ from tinyllm.model import ACTIVATIONS, GPT, NORMS, POSITIONS, ModelConfig
 from tinyllm.model.mlp import mlp_hidden_size
 
 V = 32  # tiny vocab keeps the matrix fast
+TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -48,15 +49,12 @@ def check_cache(model: GPT, idx: torch.Tensor) -> None:
     chunks = [model(idx[:, :5], kv_cache=cache), model(idx[:, 5:8], kv_cache=cache)]
     chunks += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(8, T)]
     assert cache.seq_len == T
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, **TOL)
     # Reuse after reset, and rewind with crop: the same logits again.
     cache.reset()
     torch.testing.assert_close(model(idx[:, :10], kv_cache=cache), full[:, :10], **TOL)
     cache.crop(6)
     torch.testing.assert_close(model(idx[:, 6:9], kv_cache=cache), full[:, 6:9], **TOL)
-
-
-TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def train_step_lowers_loss(model: GPT, idx: torch.Tensor) -> None:

@@ -1,4 +1,9 @@
-"""The hand-written GPT and its swappable parts (see gpt.py for the big picture)."""
+"""The hand-written GPT and its swappable parts.
+
+Reading order: config.py (every choice as a plain value) -> norms.py -> mlp.py (incl. the 2/3
+rule of gated MLPs) -> positions.py (learned, sinusoidal, rope, alibi, none) -> attention.py
+(MHA/GQA/MQA, SDPA vs manual, the KV cache) -> gpt.py (the block and the whole model).
+"""
 
 from __future__ import annotations
 
