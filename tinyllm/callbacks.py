@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,8 @@ class TextSampler(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. sliding-window notes: a sample is a peek
                 text = generate(
                     model,
                     self.tokenizer,

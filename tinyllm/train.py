@@ -43,12 +43,14 @@ class _DropNoise(logging.Filter):
 
 def _quiet_lightning_logs() -> None:
     """Let Lightning's messages reach Hydra's handlers once (console + run log), not twice."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
-        lg.addFilter(_DropNoise())
+    for h in logging.getLogger().handlers:  # Hydra's console and file handlers
+        # (a logger's own filter misses records of its children; a handler's sees them all)
+        h.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # Our train sampler derives its position from the restored global step, so a mid-epoch
     # resume continues the same stream; Lightning cannot know that and warns.
