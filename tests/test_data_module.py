@@ -60,8 +60,13 @@ def test_seeded_and_deterministic(data_dir: Path) -> None:
 
 def test_workers_give_the_same_stream(data_dir: Path) -> None:
     a = _batches(TokenBinDataModule(data_dir, T, B).train_dataloader(), 6)
-    b = _batches(TokenBinDataModule(data_dir, T, B, num_workers=2).train_dataloader(), 6)
-    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    dm = TokenBinDataModule(data_dir, T, B, num_workers=2)
+    b = _batches(dm.train_dataloader(), 6)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert b[0][0].dtype == torch.int64 and b[0][0].is_contiguous()
+    va = list(TokenBinDataModule(data_dir, T, B).val_dataloader())
+    vb = list(dm.val_dataloader())
+    assert len(va) == len(vb) and all(torch.equal(p[1], q[1]) for p, q in zip(va, vb))
 
 
 def test_ranks_draw_different_rows_of_one_global_batch(data_dir: Path) -> None:

@@ -53,18 +53,19 @@ class _Bin:
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "dtype": self.dtype, "_data": None, "_offsets": {}}
 
-    def rows(self, starts: np.ndarray, length: int) -> torch.Tensor:
-        """data[s : s + length] for each start -> LongTensor [len(starts), length]."""
+    def rows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """data[s : s + length] for each start -> int64 array [len(starts), length]."""
         if length not in self._offsets:
             self._offsets[length] = np.arange(length, dtype=np.int64)
         idx = starts[:, None] + self._offsets[length]  # (N, length)
-        return torch.from_numpy(self.data[idx].astype(np.int64))
+        return self.data[idx].astype(np.int64)
 
-    def windows(self, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Windows data[s : s + length] -> (x, y) LongTensors [len(starts), length - 1]."""
-        rows = self.rows(starts, length)  # (B, T + 1)
-        # x: the inputs (B, T); y: the next tokens (B, T); contiguous so .view(-1) works
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+def to_xy(rows: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of T + 1 tokens (B, T + 1) -> x (B, T) the inputs, y (B, T) the next tokens;
+    contiguous, so `.view(-1)` works on them."""
+    rows = torch.as_tensor(rows)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
 BLOCK_STEPS = 16  # training batches gathered at once (amortises numpy's per-call overhead)
@@ -96,7 +97,7 @@ class TrainBatches(Dataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.high = len(self.bin) - block_size  # exclusive bound on starts (window = T + 1)
         self._block: int | None = None
-        self._rows: torch.Tensor | None = None
+        self._rows: np.ndarray | None = None
         if self.high < 1:
             raise TinyLLMError(
                 f"{path} holds {len(self.bin)} tokens, fewer than one window of block_size + 1 "
@@ -122,7 +123,8 @@ class TrainBatches(Dataset):
         # (steps, B) -> (steps * B,); the modulo bias is < high / 2**64: negligible
         return (h.reshape(-1) % np.uint64(self.high)).astype(np.int64)
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, step: int) -> np.ndarray:
+        """This rank's windows at `step`: int64 [batch_size, block_size + 1]."""
         # Steps come in order, so windows are gathered for a block of steps at once and
         # handed out in slices: one numpy gather per BLOCK_STEPS batches.
         block, i = divmod(int(step), BLOCK_STEPS)
@@ -130,9 +132,10 @@ class TrainBatches(Dataset):
             starts = self._block_starts(block * BLOCK_STEPS, BLOCK_STEPS)
             self._rows = self.bin.rows(starts, self.block_size + 1)
             self._block = block
-        rows = self._rows[i * self.batch_size : (i + 1) * self.batch_size]  # (B, T + 1)
-        # x: the inputs (B, T); y: the next tokens (B, T); contiguous so .view(-1) works
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return self._rows[i * self.batch_size : (i + 1) * self.batch_size]  # (B, T + 1)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_xy(self.rows(step))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_block": None, "_rows": None}
@@ -156,9 +159,55 @@ class StepSampler(Sampler[int]):
         return self.length
 
 
-class StepLoader(DataLoader):
-    """A DataLoader whose position Lightning saves and restores with the checkpoint (it is
-    "stateful" to Lightning, so mid-epoch resumes are known to be exact)."""
+class _Rows(Dataset):
+    """Worker-side view of a dataset: items are numpy rows (B, T + 1). A numpy array travels
+    to the main process through the worker's pipe; a torch tensor would get a shared-memory
+    segment of its own per batch, which costs far more than a small batch itself."""
+
+    def __init__(self, dataset: TrainBatches | ValBatches) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.dataset.rows(i)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class BatchLoader(DataLoader):
+    """A DataLoader of whole (x, y) batches. With workers, they send numpy rows and the
+    main process makes the tensors (and pins them for the GPU when asked)."""
+
+    def __init__(self, dataset: Any, num_workers: int = 0, pin: bool = False, **kw: Any) -> None:
+        self.rows_mode = num_workers > 0
+        self.pin = pin
+        if self.rows_mode:
+            dataset, kw["collate_fn"] = _Rows(dataset), _identity
+        super().__init__(
+            dataset,
+            batch_size=None,  # items are whole batches already
+            num_workers=num_workers,
+            pin_memory=pin and not self.rows_mode,
+            **kw,
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        it = super().__iter__()
+        if not self.rows_mode:
+            yield from it
+            return
+        for rows in it:
+            x, y = to_xy(rows)
+            yield (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+
+class StepLoader(BatchLoader):
+    """The training loader: Lightning saves and restores its position with the checkpoint
+    (it is "stateful" to Lightning, so mid-epoch resumes are known to be exact)."""
 
     def __init__(self, *args: Any, position_fn: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -204,9 +253,12 @@ class ValBatches(Dataset):
     def __len__(self) -> int:
         return -(-len(self.starts) // self.batch_size)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, i: int) -> np.ndarray:
         starts = self.starts[i * self.batch_size : (i + 1) * self.batch_size]
-        return self.bin.windows(starts, self.block_size + 1)
+        return self.bin.rows(starts, self.block_size + 1)  # (B, T + 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_xy(self.rows(i))
 
 
 class TokenBinDataModule(L.LightningDataModule):
@@ -299,20 +351,19 @@ class TokenBinDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, sampler: StepSampler | None = None) -> DataLoader:
-        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        extra: dict[str, Any] = {}
+        pin = torch.cuda.is_available() if self.pin_memory is None else bool(self.pin_memory)
+        kw: dict[str, Any] = {}
         if sampler is not None:
-            extra["position_fn"] = self._start_position if self._attached() else None
-        return (StepLoader if sampler is not None else DataLoader)(
+            kw["position_fn"] = self._start_position if self._attached() else None
+        return (StepLoader if sampler is not None else BatchLoader)(
             dataset,
-            **extra,
-            batch_size=None,  # items are whole batches already
+            num_workers=self.num_workers,
+            pin=pin,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=pin,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            **kw,
         )
 
     def train_dataset(self) -> TrainBatches:
