@@ -258,3 +258,21 @@ def test_entry_point(folder: Path, tmp_path: Path, repo_root: Path) -> None:
     )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "missing.txt does not exist" in bad.stderr
+
+
+def test_every_data_conf_composes(repo_root: Path) -> None:
+    """conf/data/<name>.yaml: name == file stem, a known source; prepare.yaml composes."""
+    from hydra import compose, initialize_config_dir
+
+    from tinyllm.data.sources import SOURCES
+
+    names = sorted(p.stem for p in (repo_root / "conf" / "data").glob("*.yaml"))
+    assert {"pydocs", "stdlib", "text", "shakespeare", "tinystories", "qa"} <= set(names)
+    with initialize_config_dir(str(repo_root / "conf"), version_base="1.3"):
+        for name in names:
+            cfg = compose("prepare", overrides=[f"data={name}"])
+            assert cfg.data.name == name and cfg.data.source in SOURCES
+        cfg = compose("prepare")
+    assert cfg.data.name == "pydocs" and cfg.tokenizer.vocab_size == 4096
+    assert cfg.out_dir is None and cfg.force is False and cfg.num_workers is None
+    assert default_data_dir(cfg.data, cfg.tokenizer, cfg.data_root) == Path("data/pydocs-4096")
