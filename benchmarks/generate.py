@@ -12,7 +12,9 @@ Two questions, answered in one run, printed as JSON:
    disabled, min_new_tokens = max_new_tokens), one thread and the default thread count.
    Sizes: ~1M parameters (4 layers, 128 wide, vocab 512) and ~17M (6 layers, 384 wide,
    vocab 8192), random weights. Runs alternate (ours, theirs, ours, ...) and the best of
-   `--repeats` is reported, so a noisy neighbour hurts both sides alike.
+   `--repeats` is reported, so a noisy neighbour hurts both sides alike. Single-threaded
+   rows also report tokens per CPU-second of the process, the steadier figure on a shared
+   machine (wall-clock on a busy 2-core box swings by 2x from run to run).
 
     python benchmarks/generate.py [--new-tokens 256] [--repeats 3] [--device cpu|cuda]
 """
@@ -66,17 +68,18 @@ def sync(device: str) -> None:
 
 
 def time_ours(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool = True):
+    """(wall seconds, CPU seconds of this process, generated ids)."""
     sync(str(prompt.device))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = generate_ids(model, prompt, n, temperature=0, use_cache=use_cache)[0]
     sync(str(prompt.device))
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 @torch.inference_mode()
 def time_hf(hf, prompt: torch.Tensor, n: int):
     sync(str(prompt.device))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = hf.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -86,7 +89,7 @@ def time_hf(hf, prompt: torch.Tensor, n: int):
         use_cache=True,
     )
     sync(str(prompt.device))
-    return time.perf_counter() - t0, out[0, prompt.size(1) :].tolist()
+    return time.perf_counter() - t0, time.process_time() - c0, out[0, prompt.size(1) :].tolist()
 
 
 def cache_vs_recompute(device: str, n: int) -> dict:
@@ -95,8 +98,8 @@ def cache_vs_recompute(device: str, n: int) -> dict:
     prompt = torch.randint(0, 512, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     time_ours(model, prompt, 8)  # warm-up
-    t_cache, a = time_ours(model, prompt, n)
-    t_full, b = time_ours(model, prompt, n, use_cache=False)
+    t_cache, _, a = time_ours(model, prompt, n)
+    t_full, _, b = time_ours(model, prompt, n, use_cache=False)
     return {
         "model": "llama-1M",
         "params": model.num_params(),
@@ -120,14 +123,16 @@ def decode_vs_hf(size: str, device: str, n: int, repeats: int, threads: int | No
         prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=g).to(device)
         time_ours(model, prompt, 16)  # warm-up both (allocator, kernels, lazy imports)
         time_hf(hf, prompt, 16)
-        ours, theirs = [], []
+        ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
         for _ in range(repeats):  # alternate, so drift in machine speed hits both sides
-            t, a = time_ours(model, prompt, n)
+            t, c, a = time_ours(model, prompt, n)
             ours.append(t)
-            t, b = time_hf(hf, prompt, n)
+            ours_cpu.append(c)
+            t, c, b = time_hf(hf, prompt, n)
             theirs.append(t)
+            theirs_cpu.append(c)
         ours_tps, hf_tps = n / min(ours), n / min(theirs)
-        return {
+        row = {
             "model": size,
             "params": model.num_params(),
             "threads": torch.get_num_threads(),
@@ -138,6 +143,13 @@ def decode_vs_hf(size: str, device: str, n: int, repeats: int, threads: int | No
             "same_greedy_tokens": a == b,
             "first_divergence": next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None),
         }
+        if torch.get_num_threads() == 1:
+            # CPU time of a single-threaded run is what the work costs, even when neighbours
+            # steal the core; on a busy machine it is the steadier comparison.
+            row["tinyllm_tokens_per_cpu_s"] = round(n / min(ours_cpu), 1)
+            row["hf_tokens_per_cpu_s"] = round(n / min(theirs_cpu), 1)
+            row["ratio_cpu_time"] = round(min(theirs_cpu) / min(ours_cpu), 2)
+        return row
     finally:
         torch.set_num_threads(default_threads)
 
