@@ -9,6 +9,7 @@ rebuilds the module (and `tinyllm.load_checkpoint` the bare GPT) without the con
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
     max_steps: int = 1000  # the horizon of the schedule (the trainer's max_steps)
+    max_time_s: float | None = None  # a wall-clock budget: the schedule follows elapsed time
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> OptimConfig:
@@ -109,6 +111,8 @@ class LitGPT(L.LightningModule):
         self.val_token_count = SumMetric()
         self.tokens_seen = 0
         self.skipped_steps = 0
+        self.last_val_step = -1  # the global step of the latest validation (every rank)
+        self._t_train_start: float | None = None
 
     # -- the model ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -159,6 +163,7 @@ class LitGPT(L.LightningModule):
         self.val_token_count.update((y != IGNORE_INDEX).sum())
 
     def on_validation_epoch_end(self) -> None:
+        self.last_val_step = self.global_step
         n = self.val_token_count.compute()
         if n.item() == 0:
             return
@@ -187,8 +192,20 @@ class LitGPT(L.LightningModule):
             fused=True if on_cuda else None,
             foreach=None if on_cuda else True,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_lambda(self, step: int) -> float:
+        cfg = self.optim_cfg
+        if cfg.max_time_s and self._t_train_start is not None and step >= cfg.warmup_steps:
+            # With a time budget the run ends when time is up, not at max_steps: decay by
+            # whichever is further along, elapsed time or steps, so the LR has decayed by the end.
+            elapsed = time.monotonic() - self._t_train_start
+            step = max(step, int(cfg.max_steps * min(1.0, elapsed / cfg.max_time_s)))
+        return lr_factor(step, cfg)
+
+    def on_train_start(self) -> None:
+        self._t_train_start = time.monotonic()
 
     # -- checkpoint extras -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -265,7 +265,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.budget.max_tokens:
         per_step = int(cfg.batch_size) * block_size * accum * world
         max_steps = max(1, math.ceil(float(cfg.budget.max_tokens) / per_step))
-    optim = dict(OmegaConf.to_container(cfg.optim, resolve=True), max_steps=max_steps)
+    max_time_s = cfg.budget.get("max_time_s")
+    optim = dict(
+        OmegaConf.to_container(cfg.optim, resolve=True),
+        max_steps=max_steps,
+        max_time_s=float(max_time_s) if max_time_s else None,
+    )
 
     precision = resolve_precision(cfg.trainer.precision, accel, int(model_cfg["n_embd"]))
     peak = cfg.perf.peak_tflops
@@ -359,6 +364,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     if tkw.get("limit_val_batches") is None:
         tkw.pop("limit_val_batches")
+    if max_time_s:  # the budget caps the run (the schedule follows it, see LitGPT)
+        tkw["max_time"] = {"seconds": float(max_time_s)}
     if tkw.get("max_time") is None:
         tkw.pop("max_time")
     vci = tkw.get("val_check_interval")
@@ -372,6 +379,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        if lit.last_val_step != trainer.global_step and not trainer.interrupted:
+            # stopped between validations (a time budget): score the final weights too
+            trainer.validate(lit, datamodule=dm, verbose=False)
+            metrics.write(trainer, lit, "completed")
+            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         if workers is not None:
             workers.wait()
     except BaseException as e:
