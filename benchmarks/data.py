@@ -8,7 +8,9 @@
 Figures:
 - prepare: MB/s of raw text through `prepare_data` (scan + encode + write, the tokenizer
   given by path so BPE training is timed separately), with 1 and with all worker processes.
-  `tokenizer_train_s`: training the BPE tokenizer on the same corpus (vocab --vocab-size).
+  `tokenizer_train_and_prepare_s`: training the BPE tokenizer (vocab --vocab-size) plus a
+  first prepare. CPU seconds of the main process and of the workers are reported too: on a
+  shared machine they show whether the work is spread, where wall time cannot.
 - loader: tokens/s that TokenBinDataModule's train DataLoader delivers at the default CPU
   configuration (batch 12 x context 64) with 0 and 2 workers, and the ratio to the tokens/s
   one training step consumes: 768 tokens per step at --step-ms (default 20 ms, the default
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +35,11 @@ from tinyllm.data.prepare import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, CONTEXT = 12, 64  # conf/train.yaml batch_size x conf/model/micro.yaml block_size
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished worker processes
+    return ru.ru_utime + ru.ru_stime
 
 
 def measure_step_ms(vocab_size: int, steps: int = 20) -> float | None:
@@ -98,10 +106,16 @@ def main() -> None:
         tok = {"path": str(first / "tokenizer.json")}
         prep = {}
         for workers in sorted({1, cores}):
-            t0 = time.perf_counter()
+            t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
             d = prepare_data(data, tok, Path(tmp) / f"w{workers}", True, workers)
-            dt = time.perf_counter() - t0
-            prep[f"workers_{workers}"] = {"seconds": round(dt, 2), "mb_per_s": round(mb / dt, 3)}
+            dt, main_cpu = time.perf_counter() - t0, time.process_time() - c0
+            prep[f"workers_{workers}"] = {
+                "seconds": round(dt, 2),
+                "mb_per_s": round(mb / dt, 3),
+                # CPU seconds: robust on a shared machine (wall time is not)
+                "main_cpu_s": round(main_cpu, 2),
+                "worker_cpu_s": round(_children_cpu() - k0, 2),
+            }
         meta = json.loads((d / "meta.json").read_text())
         out["prepare"] = prep
         out["tokens"] = {s: meta["splits"][s]["tokens"] for s in ("train", "val")}
