@@ -120,6 +120,8 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise TinyLLMError(f"{path} lacks the keys {missing}: not a tinyllm data folder. {fix}")
+    if not isinstance(meta["splits"], dict):
+        raise TinyLLMError(f"{path} has a malformed 'splits' entry. {fix}")
     if meta["format_version"] != FORMAT_VERSION:
         raise TinyLLMError(
             f"{path} has format_version {meta['format_version']!r}; this tinyllm reads "
@@ -358,9 +360,7 @@ def _train_tokenizer(
     specials = list(specials) if specials is not None else None
     t0 = time.perf_counter()
     print(f"training a BPE tokenizer: vocab_size={vocab_size} pattern={pattern}", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        tok = BPETokenizer.train(sample(), vocab_size, pattern=pattern, special_tokens=specials)
+    tok = BPETokenizer.train(sample(), vocab_size, pattern=pattern, special_tokens=specials)
     print(f"  done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return tok
 

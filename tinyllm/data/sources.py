@@ -368,8 +368,11 @@ def _known(kind: str) -> Callable[[Mapping[str, Any]], Source]:
                 )
             info["path"] = str(p)
 
+            checked: list[bool] = []  # the hash is checked once, not on every pass
+
             def units() -> Iterator[Unit]:
-                if sha:
+                if sha and not checked:
+                    checked.append(True)
                     got = sha256_file(p)
                     if got != sha:
                         warnings.warn(
@@ -387,9 +390,12 @@ def _known(kind: str) -> Callable[[Mapping[str, Any]], Source]:
             )
         filename = _cfg_get(cfg, "filename", known.get("filename") or url.rsplit("/", 1)[-1])
 
+        fetched: list[Path] = []  # download (and hash) once; later passes read the cache
+
         def units() -> Iterator[Unit]:
-            path = download(url, cache_dir() / filename, sha, hint)
-            yield Unit(name=filename, path=path)
+            if not fetched:
+                fetched.append(download(url, cache_dir() / filename, sha, hint))
+            yield Unit(name=filename, path=fetched[0])
 
         return Source(name, kind, units, sep, info)
 
