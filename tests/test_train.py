@@ -212,3 +212,39 @@ def test_multirun_sweep_with_ddp(corpus, data_root, tmp_path):
         assert m["config"]["model"]["pos"] == pos
         assert len(list((job / "tb").glob("events.out.tfevents.*"))) == 1
         assert (job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_finetune_on_qa_uses_the_checkpoint_tokenizer_and_low_lr(trained, tmp_path, repo_root):
+    run_dir, _ = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    qa = repo_root / "examples" / "qa_tiny.json"
+    final = train_in_process(
+        [*TINY, "data=qa", f"data.path={qa}", "data.val_count=4", f"init_from={ckpt}",
+         "trainer.max_steps=10", "trainer.val_check_interval=10"], tmp_path / "ft",
+    )  # fmt: skip
+    assert final["status"] == "completed" and "val/exact_match" in final
+    hp = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=False)[
+        "hyper_parameters"
+    ]
+    src = torch.load(ckpt, weights_only=False)["hyper_parameters"]
+    assert hp["tokenizer"] == src["tokenizer"]  # the pretrained tokenizer, specials included
+    assert hp["optim"]["lr"] == 1e-4 and hp["chat_template"]  # finetune defaults, template saved
+
+
+@pytest.mark.slow
+def test_qa_from_scratch_answers_exactly_and_stops(tmp_path, repo_root):
+    from tinyllm.data.qa import greedy_answer, load_qa_records, split_prompt
+
+    qa = repo_root / "examples" / "qa_tiny.json"
+    train_in_process(
+        [*TINY, "data=qa", f"data.path={qa}", "data.val_count=2", "tokenizer.vocab_size=512",
+         "model.block_size=64", "trainer.max_steps=400", "trainer.val_check_interval=400",
+         "optim.lr=3e-3", "optim.warmup_steps=20"], tmp_path / "qa",
+    )  # fmt: skip
+    model, tok = tinyllm.load_checkpoint(tmp_path / "qa" / "checkpoints" / "last.ckpt")
+    hp = torch.load(tmp_path / "qa" / "checkpoints" / "last.ckpt", weights_only=False)
+    template = hp["hyper_parameters"]["chat_template"]
+    for rec in load_qa_records(qa)[:3]:
+        prompt, answer = split_prompt(rec)
+        text, stopped = greedy_answer(model, tok, prompt, template, 64)
+        assert stopped and text.strip() == answer.strip(), (text, answer)

@@ -103,7 +103,7 @@ class MetricsFile(L.Callback):
 
     def _val_metrics(self, trainer) -> dict[str, float]:
         out = {}
-        for k in ("val/loss", "val/bpb", "val/ppl"):
+        for k in ("val/loss", "val/bpb", "val/ppl", "val/exact_match"):
             v = trainer.callback_metrics.get(k)
             if v is not None:
                 out[k] = float(v)

@@ -164,7 +164,7 @@ def _build_qa_data(cfg: DictConfig, data_cfg: dict, block_size: int):
         batch_size=int(cfg.batch_size),
         seed=_seed(cfg, "data_seed"),
     )
-    return dm, dm.tokenizer, None
+    return dm, dm.tokenizer, dm.meta
 
 
 def _model_config(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def _model_config(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
     return mc
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path, tokenizer, peak_flops, extra: dict):
+def _callbacks(cfg: DictConfig, run_dir: Path, dm, tokenizer, peak_flops, extra: dict):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
     from tinyllm.callbacks import MetricsFile, TextSampler, ThroughputMonitor
@@ -221,6 +221,10 @@ def _callbacks(cfg: DictConfig, run_dir: Path, tokenizer, peak_flops, extra: dic
                 enable_version_counter=False,
             )
         )
+    if str(cfg.data.get("source")) == "qa" and getattr(dm, "val_records", None):
+        from tinyllm.data.qa import ExactMatchCallback
+
+        cbs.append(ExactMatchCallback(dm.val_records, dm.tokenizer, dm.chat_template))
     if cfg.sample.max_new_tokens and tokenizer is not None:
         s = cfg.sample
         cbs.append(
@@ -266,8 +270,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         per_step = int(cfg.batch_size) * block_size * accum * world
         max_steps = max(1, math.ceil(float(cfg.budget.max_tokens) / per_step))
     max_time_s = cfg.budget.get("max_time_s")
+    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    if cfg.init_from:
+        # Fine-tuning: a low LR and short warm-up by default; optim.* given on the command
+        # line still wins.
+        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+        for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items():
+            if f"optim.{k}" not in given:
+                optim_cfg[k] = v
     optim = dict(
-        OmegaConf.to_container(cfg.optim, resolve=True),
+        optim_cfg,
         max_steps=max_steps,
         max_time_s=float(max_time_s) if max_time_s else None,
     )
@@ -317,7 +329,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "devices": world,
         "config": {"model": model_cfg, "optim": optim, "batch_size": int(cfg.batch_size)},
     }
-    callbacks, metrics = _callbacks(cfg, run_dir, tokenizer, peak_flops, extra)
+    callbacks, metrics = _callbacks(cfg, run_dir, dm, tokenizer, peak_flops, extra)
     loggers: list = []
     if cfg.logger.name == "tensorboard":
         loggers.append(
