@@ -93,14 +93,17 @@ def test_c_trainer_equals_python_reference() -> None:
     assert learn_merges(counts, 400, use_c=True) == learn_merges(counts, 400, use_c=False)
 
 
-def test_streaming_blocks_match_whole_text(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    expected = Counter(regex.findall(GPT4_PATTERN, CORPUS))
+@pytest.mark.parametrize("pattern", [GPT4_PATTERN, GPT2_PATTERN])
+def test_streaming_blocks_match_whole_text(
+    pattern: str, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    expected = Counter(regex.findall(pattern, CORPUS))
     monkeypatch.setattr(train_mod, "BLOCK_CHARS", 37)  # cut words and whitespace runs
-    assert count_chunks(CORPUS, GPT4_PATTERN) == expected
+    assert count_chunks(CORPUS, pattern) == expected
     path = tmp_path / "corpus.txt"
     path.write_text(CORPUS, encoding="utf-8")
-    assert count_chunks(path, GPT4_PATTERN) == expected
-    assert count_chunks([path, CORPUS], GPT4_PATTERN) == expected + expected
+    assert count_chunks(path, pattern) == expected
+    assert count_chunks([path, CORPUS], pattern) == expected + expected
 
 
 def test_train_from_path_and_documents_equals_str(tok: BPETokenizer, tmp_path) -> None:

@@ -194,6 +194,7 @@ static void stats_free(Stats *s) {
 /* ------------------------------------------------------------------ learn_merges */
 
 static PyObject *learn_merges(PyObject *self, PyObject *args) {
+    (void)self;
     PyObject *words_obj, *counts_obj;
     Py_ssize_t num_merges;
     int verbose = 0;
@@ -378,6 +379,7 @@ static void Encoder_dealloc(Encoder *self) {
 }
 
 static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwds) {
+    (void)kwds;
     PyObject *byte_ids, *merges;
     if (!PyArg_ParseTuple(args, "OO", &byte_ids, &merges)) return -1;
     PyObject *bseq = PySequence_Fast(byte_ids, "byte_ids must be a sequence");
@@ -546,7 +548,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "_fastbpe", "C fast path for tinyllm's BPE tokenizer.", -1,
-    module_methods,
+    module_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastbpe(void) {

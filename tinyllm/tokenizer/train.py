@@ -61,7 +61,8 @@ def count_chunks(
 
     Each str in an iterable is one document (chunks never span documents). Blocks of one
     document are joined exactly: the last chunk of a block is carried over to the next block,
-    because it might continue there (e.g. a whitespace run or a word cut in half).
+    because it might continue there (e.g. a whitespace run or a word cut in half). This is
+    exact for patterns that look at most one character ahead and never behind (gpt2, gpt4).
     """
     compiled = regex.compile(pattern)
     counts: Counter[str] = Counter()
