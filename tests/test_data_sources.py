@@ -130,6 +130,35 @@ def test_pieces_cut_only_where_tokenization_is_unchanged(monkeypatch) -> None:
         assert sum((tok.encode(p) for p, _ in pieces), []) == tok.encode(text)
 
 
+def test_pieces_random_text(monkeypatch) -> None:
+    """Random mixes of letters, digits, punctuation, apostrophes and whitespace runs."""
+    import numpy as np
+    import regex
+
+    from tinyllm.tokenizer.patterns import resolve_pattern
+
+    monkeypatch.setattr(sources, "PIECE_BYTES", 20)
+    alphabet = list("ab  \n\n\r\t'sll99.,!?-") + ["é", "ж", " x", "'re ", "\n\n  "]
+    rng = np.random.default_rng(0)
+    # the pre-split chunks decide the tokens: compare them directly (stronger than encoding
+    # with a small vocabulary, where most chunkings give the same byte tokens)
+    splitters = [regex.compile(resolve_pattern(p)) for p in ("gpt2", "gpt4")]
+    for _ in range(60):
+        text = "".join(rng.choice(alphabet, size=400))
+        pieces = [p for p, _ in sources._split_stream(iter([text]), None)]
+        assert "".join(pieces) == text and len(pieces) > 3
+        for split in splitters:
+            assert sum((split.findall(p) for p in pieces), []) == split.findall(text)
+
+
+def test_paragraph_text_is_cut(monkeypatch) -> None:
+    # one paragraph per line, blank lines between: still cut into bounded pieces
+    monkeypatch.setattr(sources, "PIECE_BYTES", 100)
+    text = "\n\n".join("A paragraph of several words here." for _ in range(200))
+    pieces = list(sources._split_stream(iter([text]), None))
+    assert max(len(p) for p, _ in pieces) < 200 and "".join(p for p, _ in pieces) == text
+
+
 # --------------------------------------------------------------------------------------------
 # downloads, against a local HTTP server that understands Range
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from tinyllm.errors import TinyLLMError
 
 # Text inside a huge document is handed out in pieces of about this many bytes, so encoding
@@ -495,11 +497,14 @@ def _decoded(unit: Unit, errors: str) -> Iterator[str]:
 def _split_stream(chunks: Iterator[str], sep: str | None) -> Iterator[tuple[str, bool]]:
     """Text chunks -> (piece, ends_document) with pieces cut on `sep` and at ~PIECE_BYTES.
 
-    Long documents are cut only after a lone newline (\\n) between two non-space characters: no
-    chunk of the GPT-2 or GPT-4 split pattern crosses that spot, and the whitespace rules'
-    lookahead (`\\s+(?!\\S)`) sees the same thing at the end of a piece as in the whole text
-    (after "\\n\\n" it would not), so encoding the pieces separately gives exactly the tokens
-    of the whole document.
+    Long documents are cut only before a space that follows a non-space character and
+    precedes a letter ("word| word"). No chunk of the GPT-2 or GPT-4 split pattern holds a
+    non-space character followed by a space, so a chunk ends there in the whole text too; the
+    chunk that starts there (" word") does not depend on what came before; and the one
+    lookahead rule (`\\s+(?!\\S)`) only concerns whitespace runs, which cannot end at the cut.
+    So encoding the pieces separately gives exactly the tokens of the whole document. (A cut
+    after a newline would not be safe: GPT-2 splits "\\n\\nA" as "\\n", "\\n", "A" but a
+    piece ending in "\\n\\n" as one chunk.)
     """
     buf = ""
     for chunk in chunks:
@@ -518,18 +523,20 @@ def _split_stream(chunks: Iterator[str], sep: str | None) -> Iterator[tuple[str,
         yield from _cut(buf.strip("\r\n"), final=True)
 
 
+# A safe place to cut a long document: before a space that follows a non-space character and
+# precedes a letter ("word| word"). See _split_stream for why.
+_CUT = regex.compile(r"(?<=\S) (?=\p{L})")
+
+
 def _cut(text: str, final: bool) -> Iterator[tuple[str, bool]]:
     # final=False: the last element is the unfinished rest (the caller keeps it as buffer)
     start = 0
     while len(text) - start > PIECE_BYTES:
-        i = start + PIECE_BYTES
-        j = text.find("\n", i)
-        while j != -1 and j + 1 < len(text) and (text[j + 1].isspace() or text[j - 1].isspace()):
-            j = text.find("\n", j + 1)
-        if j == -1 or j + 1 >= len(text):
+        m = _CUT.search(text, start + PIECE_BYTES)
+        if m is None or m.start() + 2 > len(text):  # the letter after it must be in view
             break
-        yield text[start : j + 1], False
-        start = j + 1
+        yield text[start : m.start()], False
+        start = m.start()
     yield text[start:], final
 
 
