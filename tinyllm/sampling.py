@@ -209,7 +209,7 @@ def iter_generate_ids(
     """Yield the new tokens step by step, each a LongTensor [B] (on the model's device).
 
     `idx` is the prompt, LongTensor [B, T] (or [T]), and all rows share its length. A row that
-    has finished (EOS or a stop sequence) keeps yielding `eos_id` (or its last token), and the
+    has finished (EOS or a stop sequence) keeps yielding `eos_id` (or 0 without one), and the
     loop ends once every row has finished. The consumer may `send()` a bool sequence/tensor [B]
     (True = finish that row) or a plain True (finish all), e.g. when a stop *string* appears.
     """
