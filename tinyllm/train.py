@@ -131,8 +131,11 @@ def build_data(cfg: DictConfig, block_size: int, rank_zero: bool):
     else:
         out = default_data_dir(data_cfg, tok_cfg, cfg.data_root)
         if rank_zero:
-            # Workers are started after this: the bins exist before any of them opens them.
+            # Our own workers start after this, so the bins exist before any of them opens them.
             out = prepare_data(data_cfg, tok_cfg, out, force=bool(cfg.force_prepare))
+        else:
+            # Under SLURM/torchrun every rank starts at once: wait for rank zero's prepare.
+            _wait_for(out / "meta.json")
     dm = TokenBinDataModule(
         out,
         block_size=block_size,
@@ -142,6 +145,19 @@ def build_data(cfg: DictConfig, block_size: int, rank_zero: bool):
         val_windows=cfg.loader.val_windows,
     )
     return dm, dm.tokenizer, read_meta(out)
+
+
+def _wait_for(path: Path, timeout_s: float = 6 * 3600) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TinyLLMError(
+                f"Waited {timeout_s:.0f} s for rank zero to prepare {path.parent}. Prepare the "
+                "data once beforehand (`python -m tinyllm.prepare ...`) and pass data_dir=."
+            )
+        time.sleep(2.0)
 
 
 def _build_qa_data(cfg: DictConfig, data_cfg: dict, block_size: int):
