@@ -248,3 +248,19 @@ def test_qa_from_scratch_answers_exactly_and_stops(tmp_path, repo_root):
         prompt, answer = split_prompt(rec)
         text, stopped = greedy_answer(model, tok, prompt, template, 64)
         assert stopped and text.strip() == answer.strip(), (text, answer)
+
+
+@pytest.mark.parametrize("overrides", [{"activation": "swiglu"}, {"pos": "rope", "bias": False}])
+def test_match_params_evens_out_swapped_parts(overrides):
+    from tinyllm.train import count_params, match_params
+
+    base_cfg = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64}
+    target = count_params(base_cfg)
+    variant = {**base_cfg, **overrides}
+    hidden = match_params(variant, target)
+    got = count_params({**variant, "mlp_hidden": hidden})
+    # within one rounding step of the hidden width (16 units x 2-3 matrices x 64 x 2 layers)
+    assert abs(got - target) <= 16 * 3 * 64 * 2, (got, target)
+    assert abs(got - target) < abs(count_params(variant) - target) or got == target
+    with pytest.raises(TinyLLMError, match="match_params"):
+        match_params(variant, 10)

@@ -198,7 +198,46 @@ def _model_config(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
         ModelConfig.from_dict(mc)  # unknown keys fail here; GPT() checks the values
     except ValueError as e:
         raise TinyLLMError(str(e)) from None
+    if cfg.get("match_params"):
+        mc["mlp_hidden"] = match_params(mc, int(cfg.match_params))
     return mc
+
+
+def count_params(model_cfg: dict[str, Any]) -> int:
+    """Parameters of the GPT a config describes, without allocating it (meta device)."""
+    from tinyllm.model import GPT, ModelConfig
+
+    with torch.device("meta"):
+        return GPT(ModelConfig.from_dict(model_cfg)).num_params()
+
+
+def match_params(model_cfg: dict[str, Any], target: int) -> int:
+    """The MLP hidden width that brings the model closest to `target` parameters.
+
+    For fair ablations: swapping a part (a gated MLP, learned positions, no bias) changes the
+    parameter count; resizing the MLP, the one width free of other constraints, evens it out.
+    Params grow monotonically with the hidden width, so a binary search finds it.
+    """
+    step = int(model_cfg.get("mlp_multiple_of") or 1)
+
+    def params(units: int) -> int:
+        return count_params({**model_cfg, "mlp_hidden": units * step})
+
+    lo, hi = 1, max(2, 16 * int(model_cfg["n_embd"]) // step)
+    if params(lo) > target or params(hi) < target:
+        raise TinyLLMError(
+            f"match_params={target} cannot be reached by resizing the MLP of this model "
+            f"({params(lo)} to {params(hi)} parameters). Pick a target in that range or "
+            "change the model's size."
+        )
+    while hi - lo > 1:  # invariant: params(lo) <= target <= params(hi)
+        mid = (lo + hi) // 2
+        if params(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda u: abs(params(u) - target))
+    return best * step
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path, dm, tokenizer, peak_flops, extra: dict):
