@@ -92,12 +92,11 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = config.kv_heads
         self.head_dim = config.head_dim
         self.impl = config.attn_impl
-        self.dropout = config.dropout
+        self.dropout = config.dropout  # attention-weight and residual dropout probability
         # q, k and v in one matmul: output is [q (n_head*D) | k (n_kv*D) | v (n_kv*D)].
         n_qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, n_qkv, bias=config.bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         # qk-norm: normalise each query/key head before the dot product, which bounds the
         # attention logits and stabilises training at high learning rates (Dehghani et al.).
         if config.qk_norm:
@@ -122,14 +121,15 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        qkv = self.c_attn(x).view(B, T, H + 2 * Hkv, D)  # heads: [q (H) | k (Hkv) | v (Hkv)]
+        qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # (B, T, H + Hkv, D), (B, T, Hkv, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = qk.split([H, Hkv], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)  # (B, T, H + Hkv, D)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k heads rotated together: one op, not two
+        q, k = qk.split([H, Hkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # 2 x (B, Hkv, Tk, D), Tk >= T
 
@@ -148,7 +148,10 @@ class CausalSelfAttention(nn.Module):
                 enable_gqa=Hkv != H,
             )
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), attn
+        y = self.c_proj(y)
+        if self.training and self.dropout > 0:  # a branch, not an nn.Dropout: no call when off
+            y = F.dropout(y, self.dropout)
+        return y, attn
 
     def _manual(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

@@ -64,7 +64,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 # Post-norm blocks already end in a norm; pre-norm needs one before the head.
                 ln_f=nn.Identity()
@@ -111,7 +110,9 @@ class GPT(nn.Module):
             kv_cache.check(B, T)
             start = kv_cache.seq_len
         x = self.transformer.wte(idx)  # (B, T, C)
-        x = self.transformer.drop(self.pos.embed(x, start))
+        x = self.pos.embed(x, start)
+        if self.training and self.config.dropout > 0:  # no nn.Dropout call when off (decode)
+            x = F.dropout(x, self.config.dropout)
         rope = self.pos.rope(start, T)
         mask = self._attn_mask(start, T, x)
 

@@ -47,7 +47,7 @@ class MLP(nn.Module):
         n_out = 2 * self.hidden if self.gated else self.hidden
         self.c_fc = nn.Linear(config.n_embd, n_out, bias=config.bias)
         self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden) when gated
@@ -56,7 +56,10 @@ class MLP(nn.Module):
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.dropout(self.c_proj(h))
+        h = self.c_proj(h)  # (B, T, C)
+        if self.training and self.dropout > 0:  # a branch, not an nn.Dropout: no call when off
+            h = F.dropout(h, self.dropout)
+        return h
 
 
 class GeluMLP(MLP):

@@ -73,8 +73,9 @@ class LearnedPosition(Position):
     def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
         T = x.size(1)
         self.check_length(start + T)
-        pos = torch.arange(start, start + T, device=x.device)  # (T,)
-        return x + self.wpe(pos)  # (B, T, C) + (T, C)
+        # Rows start..start+T-1 of the table: the same as self.wpe(arange), without creating
+        # a position tensor every decode step.
+        return x + self.wpe.weight[start : start + T]  # (B, T, C) + (T, C)
 
 
 class SinusoidalPosition(Position):
@@ -113,24 +114,34 @@ class RotaryPosition(Position):
         self._build(config.block_size)
 
     def _build(self, n: int, device: torch.device | None = None) -> None:
-        # cos/sin tables computed once (not per step), in fp32, non-persistent buffers.
+        # cos/sin tables computed once (not per step), in fp32, non-persistent buffers. Stored
+        # full width, (n, D), in the form apply_rope consumes, so a step only slices them:
+        #   cos = [cos | cos],  sin = [-sin | sin]   (each half is D/2 wide)
         d = self.head_dim
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        angles = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)  # (n, d/2)
-        self.register_buffer("cos", angles.cos().to(device), persistent=False)
-        self.register_buffer("sin", angles.sin().to(device), persistent=False)
+        angles = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)  # (n, D/2)
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), -1).to(device), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), -1).to(device), persistent=False)
 
     def rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start + T > self.cos.size(0):  # longer than ever seen: grow the table (rare)
             self._build(max(start + T, 2 * self.cos.size(0)), device=self.cos.device)
-        return self.cos[start : start + T], self.sin[start : start + T]  # 2 x (T, d/2)
+        # (T, 1, D): broadcasts over the heads of a (B, T, n_heads, D) tensor.
+        return self.cos[start : start + T, None], self.sin[start : start + T, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles whose cos/sin are (T, D/2); half-split layout."""
-    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, H, T, D/2)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, H, T, D)
+    """Rotate x (B, T, n_heads, D) by the tables (T, 1, D) of RotaryPosition.rope.
+
+    Half-split layout: feature i pairs with i + D/2, and each pair (x1, x2) becomes
+    (x1 cos - x2 sin, x2 cos + x1 sin). With x_swapped = [x2 | x1] (a roll by D/2) and the
+    tables [cos | cos], [-sin | sin] that is one expression for all D features, so q and k
+    heads are rotated together in three ops (Llama's rotate_half, with the sign in the table).
+    """
+    if cos.dtype != x.dtype:  # e.g. bf16 q/k under autocast (the tables stay fp32)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)  # (B, T, n_heads, D)
 
 
 def alibi_slopes(n_head: int) -> list[float]:
