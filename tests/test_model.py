@@ -137,6 +137,19 @@ def test_attention_with_cache_returns_rows_over_all_keys() -> None:
     assert attns[0].shape == (1, 4, 2, 8)
 
 
+def test_rope_matches_the_pairwise_rotation() -> None:
+    """apply_rope (one expression over q and k heads) == rotating each (x_i, x_i+D/2) pair."""
+    from tinyllm.model.positions import apply_rope
+
+    pos = POSITIONS["rope"](tiny(pos="rope", n_embd=64, n_head=4))  # head_dim 16
+    x = torch.randn(2, 5, 6, 16)  # (B, T, heads, D)
+    y = apply_rope(x, *pos.rope(3, 5))  # positions 3..7
+    angles = torch.arange(3, 8.0)[:, None] * 10000.0 ** (-torch.arange(0, 16, 2) / 16)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (T, 1, D/2)
+    x1, x2 = x[..., :8], x[..., 8:]
+    torch.testing.assert_close(y, torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1))
+
+
 def test_softcap_bounds_logits() -> None:
     model = build(logit_softcap=0.5)
     with torch.no_grad():
