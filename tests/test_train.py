@@ -165,6 +165,17 @@ def test_cli_user_errors_have_no_traceback(tmp_path):
     assert r.returncode != 0 and "no_such_option" in r.stderr
 
 
+def test_resume_with_a_different_model_is_refused(trained, corpus, data_root, tmp_path):
+    run_dir, _ = trained
+    with pytest.raises(TinyLLMError, match="n_embd"):
+        train_in_process(
+            [*base(corpus, data_root), "model.n_embd=48",
+             f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], tmp_path / "r"
+        )  # fmt: skip
+    with pytest.raises(TinyLLMError, match="not found"):
+        train_in_process([*base(corpus, data_root), f"ckpt_path={tmp_path}/x.ckpt"], tmp_path / "m")
+
+
 def test_init_from_incompatible_checkpoint(trained, corpus, data_root, tmp_path):
     run_dir, _ = trained
     with pytest.raises(TinyLLMError, match="init_from"):

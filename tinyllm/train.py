@@ -147,6 +147,23 @@ def build_data(cfg: DictConfig, block_size: int, rank_zero: bool):
     return dm, dm.tokenizer, read_meta(out)
 
 
+def _check_resume(path: Path, model_cfg: dict[str, Any]) -> None:
+    """A resumed run must rebuild exactly the model of its checkpoint: say so before training."""
+    from tinyllm.checkpoint import read_checkpoint
+    from tinyllm.model import ModelConfig
+
+    saved = read_checkpoint(path)["hyper_parameters"]["model_config"]
+    saved = ModelConfig.from_dict(saved).to_dict()  # defaults filled in, as model_cfg is
+    diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {model_cfg.get(k)!r}" for k in diff[:6])
+        raise TinyLLMError(
+            f"ckpt_path={path} was trained with a different model ({detail}). Resume with the "
+            "same model/norm/activation/pos/tokenizer settings as that run (its "
+            ".hydra/config.yaml has them), or use init_from= to start a new run from its weights."
+        )
+
+
 def _wait_for(path: Path, timeout_s: float = 6 * 3600) -> None:
     import time
 
@@ -357,6 +374,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         chat_template=chat.to_dict() if hasattr(chat, "to_dict") else chat,
         nan_policy=str(cfg.nan_policy),
     )
+    if cfg.ckpt_path:
+        _check_resume(Path(cfg.ckpt_path), lit.model.config.to_dict())
     if cfg.init_from:
         from tinyllm.checkpoint import model_from_checkpoint, read_checkpoint
 
