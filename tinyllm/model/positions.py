@@ -90,6 +90,12 @@ class SinusoidalPosition(Position):
         pe = torch.zeros(config.block_size, C)
         pe[:, 0::2] = torch.sin(pos * freq)
         pe[:, 1::2] = torch.cos(pos * freq)[:, : C // 2]
+        # Scale to the token embeddings' init: sin/cos have RMS 1/sqrt(2), token embeddings
+        # std init_std (0.02). Added at unit amplitude, the waves would drown the tokens ~35:1
+        # and the model must first learn to grow its embeddings (the original transformer
+        # instead multiplies the embeddings by sqrt(n_embd)). At RMS init_std the positions
+        # enter at the scale a learned position table starts from.
+        pe = pe * (config.init_std * math.sqrt(2.0))
         # Not persistent: it is a pure function of the config, so checkpoints don't carry it.
         self.register_buffer("pe", pe, persistent=False)
 
