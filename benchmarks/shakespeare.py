@@ -98,7 +98,7 @@ def tinyllm_run(data_path: Path, max_time_s: float, workdir: Path, extra: list[s
         f"data_root={workdir / 'data'}", f"hydra.run.dir={run_dir}", *extra,
     ]  # fmt: skip
     # prepare first (untimed, as nanoGPT's prepare.py is), then train under the budget
-    subprocess.run([*cmd[:4], "trainer.max_steps=1", "trainer.val_check_interval=1",
+    subprocess.run([*cmd[:5], "trainer.max_steps=1", "trainer.val_check_interval=1",
                     "loader.val_windows=1", f"hydra.run.dir={workdir / 'prep'}",
                     f"data_root={workdir / 'data'}"], cwd=REPO, check=True,
                    capture_output=True)  # fmt: skip
