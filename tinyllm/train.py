@@ -346,7 +346,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.init_from:
         # Fine-tuning: a low LR and short warm-up by default; optim.* given on the command
         # line still wins.
-        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+        given = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
         for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items():
             if f"optim.{k}" not in given:
                 optim_cfg[k] = v
