@@ -33,7 +33,7 @@ install-dev: $(VENV)/.dev ## install tinyllm with test/lint/benchmark extras
 
 train: install ## prepare the embedded corpus, train a small model on CPU, print a sample
 	$(BIN)/python -m tinyllm.train experiment=quickstart $(ARGS)
-	$(BIN)/python -m tinyllm.generate ckpt=latest prompt="'The '" max_new_tokens=200 temperature=0.8 top_k=50
+	$(BIN)/python -m tinyllm.generate ckpt=latest prompt=The max_new_tokens=200 temperature=0.8 top_k=50
 
 test: install-dev ## run the default test suite (under 15 minutes on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
