@@ -53,6 +53,8 @@ bench: install-dev ## run the benchmarks (JSON on stdout, side by side with peer
 	$(BIN)/python benchmarks/tokenizer.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/shakespeare.py
+	$(BIN)/python benchmarks/precision.py --widths 128 256 --steps 3 --batch 4
 	$(BIN)/python benchmarks/generate.py
 
 tb: install ## TensorBoard over outputs/ (single runs and sweeps)
