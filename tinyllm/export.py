@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import TinyLLMError, exit_on_user_error
 from tinyllm.model import GPT, ModelConfig
 
 # What each family requires: option -> (required value, how to say it).
@@ -269,18 +269,14 @@ def run(ckpt: str, out: str, dtype: str = "float32") -> Path:
 
 
 def _hydra_main() -> None:
-    import sys
 
     import hydra
     from omegaconf import DictConfig
 
     @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
     def main(cfg: DictConfig) -> None:
-        try:
+        with exit_on_user_error():
             run(cfg.ckpt, cfg.out, cfg.dtype)
-        except TinyLLMError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
 
     main()
 

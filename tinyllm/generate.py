@@ -24,7 +24,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import TinyLLMError, exit_on_user_error
 from tinyllm.sampling import generate, generate_stream, validate_sampling
 
 __all__ = ["generate", "generate_stream", "load_for_generation", "main"]
@@ -319,10 +319,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
 def main(cfg: DictConfig) -> None:
     warnings.formatwarning = _format_warning  # one readable line, not a source excerpt
     try:
-        run(cfg)
-    except TinyLLMError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        with exit_on_user_error():
+            run(cfg)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, as `head` or `cat` would
         print(file=sys.stderr)
         sys.exit(130)

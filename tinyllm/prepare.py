@@ -10,24 +10,19 @@ The work is tinyllm.data.prepare.prepare_data; this file only reads the Hydra co
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import exit_on_user_error
 
 
 @hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from tinyllm.data.prepare import default_data_dir, prepare_data
 
-    try:
+    with exit_on_user_error():
         out_dir = cfg.out_dir or default_data_dir(cfg.data, cfg.tokenizer, cfg.data_root)
         path = prepare_data(cfg.data, cfg.tokenizer, out_dir, cfg.force, cfg.num_workers)
-    except TinyLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(path)
 
 

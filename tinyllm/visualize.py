@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import TinyLLMError, exit_on_user_error
 from tinyllm.model import GPT
 
 
@@ -144,7 +144,6 @@ def run(
 
 
 def _hydra_main() -> None:
-    import sys
 
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -157,11 +156,8 @@ def _hydra_main() -> None:
             v = OmegaConf.to_object(v) if OmegaConf.is_config(v) else v
             return [int(i) for i in (v if isinstance(v, list) else [v])]
 
-        try:
+        with exit_on_user_error():
             run(cfg.ckpt, str(cfg.prompt), cfg.out, ints(cfg.layers), ints(cfg.heads), cfg.device)
-        except TinyLLMError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
 
     main()
 
