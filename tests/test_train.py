@@ -40,6 +40,7 @@ def test_run_writes_the_contract_outputs(trained):
     for key in ("val/loss", "val/bpb", "train/tokens_per_s", "params", "step"):
         assert m[key] is not None, key
     assert m["status"] == "completed" and m["step"] == 30
+    assert m["train/tokens_per_s_median"] > 0 and m["cpu_allocator"]
     assert m == {**m, **final}  # the returned figures are the file's
     assert math.isclose(m["val/ppl"], math.exp(m["val/loss"]), rel_tol=1e-4)
     assert [h["step"] for h in m["history"]] == [15, 30]
@@ -47,6 +48,28 @@ def test_run_writes_the_contract_outputs(trained):
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (run_dir / "checkpoints" / "step-15.ckpt").is_file()
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+def test_tensorboard_curves(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained
+    ea = EventAccumulator(str(run_dir / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("train/loss", "val/loss", "val/bpb", "val/ppl", "train/tokens_per_s", "train/lr",
+                "train/grad_norm", "train/tokens"):  # fmt: skip
+        assert tag in tags, (tag, tags)
+    # train/loss: the mean over each window of log_every_n_steps=5 steps (Lightning's step
+    # index is 0-based: step 5 is written as 4)
+    assert [e.step for e in ea.Scalars("train/loss")] == [4, 9, 14, 19, 24, 29]
+    assert all(math.isfinite(e.value) for e in ea.Scalars("train/loss"))
+    # train/lr is the LR of the logged step: warm-up over 5 steps, then cosine decay
+    lr = {e.step: e.value for e in ea.Scalars("train/lr")}
+    assert sorted(lr) == [4, 9, 14, 19, 24, 29]
+    assert math.isclose(lr[4], 1e-3 * lr_factor(4, OptimConfig(max_steps=30, warmup_steps=5)),
+                        rel_tol=1e-5)  # fmt: skip
+    assert lr[9] > lr[14] > lr[29]
 
 
 def test_loss_falls_from_ln_vocab(trained):
@@ -143,6 +166,7 @@ def test_nan_loss_stops_the_run(corpus, data_root, tmp_path):
         ("model.vocab_size=100", "model.vocab_size=100"),
         ("model.n_head=3", "n_head"),
         ("optim.schedule=nope", "schedule"),
+        ("perf.cpu_allocator=fast", "cpu_allocator"),
     ],
 )
 def test_bad_config_fails_before_training(corpus, data_root, tmp_path, override, match):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from tinyllm.checkpoint import atomic_torch_save
@@ -30,7 +32,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs train/tokens_per_s, train/tokens, train/mfu and grad norm, every `every` steps.
+    """Logs train/tokens_per_s, train/tokens, train/mfu, train/grad_norm and train/lr, every
+    `every` steps (trainer.log_every_n_steps).
 
     Time spent in validation is excluded, so tokens/s is the training speed alone.
     """
@@ -43,6 +46,7 @@ class ThroughputMonitor(L.Callback):
         self._tokens0 = 0
         self._last_step = -1
         self.last_tokens_per_s: float | None = None
+        self.window_tokens_per_s: list[float] = []  # one figure per logging window
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 is None:
@@ -64,6 +68,7 @@ class ThroughputMonitor(L.Callback):
             return
         tps = tokens / dt
         self.last_tokens_per_s = tps
+        self.window_tokens_per_s.append(tps)
         metrics = {"train/tokens_per_s": tps, "train/tokens": float(pl_module.tokens_seen)}
         if self.peak_flops:
             flops = pl_module.model.flops_per_token() * tps
@@ -75,19 +80,48 @@ class ThroughputMonitor(L.Callback):
         # Close the current window so validation time does not count as training time.
         if self._t0 is not None:
             self.train_time += time.perf_counter() - self._t0
-            self._t0 = None
+            self._t0 = None  # (the cut window adds no figure to window_tokens_per_s)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.global_step % self.every == 0:
+        # Lightning writes logs when the step about to finish is a multiple of `every`:
+        # measure that step's gradients (before clipping) and learning rate.
+        if (trainer.global_step + 1) % self.every == 0:
             norms = [p.grad.detach().norm(2) for p in pl_module.parameters() if p.grad is not None]
             if norms:
                 pl_module.log("train/grad_norm", torch.stack(norms).norm(2), rank_zero_only=True)
+            pl_module.log("train/lr", float(optimizer.param_groups[0]["lr"]), rank_zero_only=True)
+
+    def median_tokens_per_s(self) -> float | None:
+        """Median over the logging windows: robust to pauses and bursts of a shared machine."""
+        return statistics.median(self.window_tokens_per_s) if self.window_tokens_per_s else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_time": self.train_time}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_time = float(state_dict.get("train_time", 0.0))
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, doing its per-step work every `refresh_rate` steps.
+
+    The stock bar updates its task and re-reads every progress-bar metric after each batch
+    and only then decides whether to redraw; on a short CPU step that bookkeeping is a
+    measurable share of the step (benchmarks/README.md). Here the skipped batches cost one
+    comparison; the bar still ends on the epoch's last batch.
+    """
+
+    _epoch_batches: int | float = float("inf")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._epoch_batches = self.total_train_batches  # (min of the epoch and steps left)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = batch_idx + 1
+        if n % max(1, self.refresh_rate) and n != self._epoch_batches:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class MetricsFile(L.Callback):
@@ -145,6 +179,7 @@ class MetricsFile(L.Callback):
             **self._val_metrics(trainer),
             "train/loss": float(train_loss) if train_loss is not None else None,
             "train/tokens_per_s": tps,
+            "train/tokens_per_s_median": self.throughput.median_tokens_per_s(),
             "params": pl_module.model.num_params(),
             "step": trainer.global_step,
             "tokens": pl_module.tokens_seen,

@@ -258,9 +258,9 @@ def match_params(model_cfg: dict[str, Any], target: int) -> int:
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path, dm, tokenizer, peak_flops, extra: dict):
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tinyllm.callbacks import MetricsFile, TextSampler, ThroughputMonitor
+    from tinyllm.callbacks import MetricsFile, StepProgressBar, TextSampler, ThroughputMonitor
 
     ckpt_dir = run_dir / "checkpoints"
     throughput = ThroughputMonitor(every=int(cfg.trainer.log_every_n_steps), peak_flops=peak_flops)
@@ -278,10 +278,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path, dm, tokenizer, peak_flops, extra:
             save_last=True,
             enable_version_counter=False,
         ),
-        RichProgressBar(refresh_rate=10, leave=True),
+        StepProgressBar(refresh_rate=10, leave=True),
     ]
-    if cfg.logger.name != "none":
-        cbs.append(LearningRateMonitor(logging_interval="step"))
     if cfg.checkpoint.every_n_steps:
         cbs.append(
             ModelCheckpoint(
@@ -327,6 +325,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accel = _accelerator(str(cfg.trainer.accelerator))
     n_local = _check_devices(accel, cfg.trainer.devices)
     world = n_local * int(cfg.trainer.num_nodes)
+    allocator = _cpu_allocator(cfg, accel)
 
     # --- data and model config (rank zero prepares before any worker starts) -------------
     block_size = int(cfg.model.block_size)
@@ -401,6 +400,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "overrides": list(hc.overrides.task),
         "precision": precision,
         "devices": world,
+        "cpu_allocator": allocator,
         "config": {"model": model_cfg, "optim": optim, "batch_size": int(cfg.batch_size)},
     }
     callbacks, metrics = _callbacks(cfg, run_dir, dm, tokenizer, peak_flops, extra)
@@ -494,6 +494,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}"
         )
     return final
+
+
+def _cpu_allocator(cfg: DictConfig, accel: str) -> str:
+    """Apply perf.cpu_allocator on CPU runs (tinyllm/runtime.py); returns what was done."""
+    choice = str(cfg.perf.get("cpu_allocator", "tuned"))
+    if choice not in ("tuned", "default"):
+        raise TinyLLMError(
+            f"perf.cpu_allocator={choice!r}: use 'tuned' (glibc keeps freed step buffers for "
+            "reuse; faster CPU training) or 'default' (the C library's own settings)."
+        )
+    if accel != "cpu" or choice == "default":
+        return "default"
+    from tinyllm.runtime import allocator_status, tune_cpu_allocator
+
+    tune_cpu_allocator()
+    return allocator_status()
 
 
 def _r(v: Any, nd: int = 4) -> Any:
