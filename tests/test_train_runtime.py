@@ -17,7 +17,7 @@ from lightning.pytorch.loggers.logger import Logger
 from torch.utils.data import DataLoader, Dataset
 
 from tinyllm import runtime
-from tinyllm.callbacks import StepProgressBar
+from tinyllm.callbacks import NoOpProfiler, StepProgressBar
 from tinyllm.module import DivergenceError, LitGPT
 
 MICRO = {"vocab_size": 64, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
@@ -195,3 +195,11 @@ def test_fast_setattr_keeps_module_registration():
     assert lit.tokens_seen == 7 and lit._current_fx_name == "training_step"
     lit.extra_head = torch.nn.Linear(2, 2)  # other attributes still register normally
     assert "extra_head.weight" in lit.state_dict()
+
+
+def test_noop_profiler_contexts_nest_and_repeat():
+    prof = NoOpProfiler()
+    with prof.profile("a"), prof.profile("b"):
+        with prof.profile("a"):
+            pass
+    assert prof.summary() == ""

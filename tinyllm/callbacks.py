@@ -6,6 +6,7 @@ throughput is measured with wall-clock time over windows of steps, without devic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_only
 
 from tinyllm.checkpoint import atomic_torch_save
@@ -122,6 +124,18 @@ class StepProgressBar(RichProgressBar):
         if n % max(1, self.refresh_rate) and n != self._epoch_batches:
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
+class NoOpProfiler(PassThroughProfiler):
+    """Lightning's default "no profiler", minus its cost: the stock one still enters a
+    generator-based context manager around each of the ~100 hook calls of a training step
+    (~0.13 ms a step measured here). Used unless `+trainer.profiler=...` is given."""
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:  # type: ignore[override]
+        return _NULL_CONTEXT
 
 
 class MetricsFile(L.Callback):

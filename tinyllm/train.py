@@ -448,6 +448,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
+    if tkw.get("profiler") is None:  # (+trainer.profiler=simple|advanced|pytorch still works)
+        from tinyllm.callbacks import NoOpProfiler
+
+        tkw["profiler"] = NoOpProfiler()
     if tkw.get("limit_val_batches") is None:
         tkw.pop("limit_val_batches")
     if max_time_s:  # the budget caps the run (the schedule follows it, see LitGPT)
