@@ -75,8 +75,7 @@ class ThroughputMonitor(L.Callback):
         if self.peak_flops:
             flops = pl_module.model.flops_per_token() * tps
             metrics["train/mfu"] = flops / (self.peak_flops * trainer.world_size)
-        pl_module.log_dict(metrics, prog_bar=False, rank_zero_only=True)
-        pl_module.log("train/tok_s", tps, prog_bar=True, logger=False, rank_zero_only=True)
+        pl_module.log_step_metrics(metrics)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         # Close the current window so validation time does not count as training time.
@@ -88,10 +87,12 @@ class ThroughputMonitor(L.Callback):
         # Lightning writes logs when the step about to finish is a multiple of `every`:
         # measure that step's gradients (before clipping) and learning rate.
         if (trainer.global_step + 1) % self.every == 0:
+            metrics = {"train/lr": float(optimizer.param_groups[0]["lr"])}
             norms = [p.grad.detach().norm(2) for p in pl_module.parameters() if p.grad is not None]
             if norms:
-                pl_module.log("train/grad_norm", torch.stack(norms).norm(2), rank_zero_only=True)
-            pl_module.log("train/lr", float(optimizer.param_groups[0]["lr"]), rank_zero_only=True)
+                metrics["train/grad_norm"] = float(torch.stack(norms).norm(2))
+            # (the step is not counted yet: its 0-based index is global_step)
+            pl_module.log_step_metrics(metrics, step=trainer.global_step)
 
     def median_tokens_per_s(self) -> float | None:
         """Median over the logging windows: robust to pauses and bursts of a shared machine."""
@@ -114,6 +115,16 @@ class StepProgressBar(RichProgressBar):
     """
 
     _epoch_batches: int | float = float("inf")
+    # train/* figures shown from LitGPT.step_metrics (written without self.log)
+    SHOWN = {"train/loss": "train/loss", "train/tokens_per_s": "tok/s"}
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        step_metrics = getattr(pl_module, "step_metrics", {})
+        for key, label in self.SHOWN.items():
+            if key in step_metrics:
+                items[label] = round(step_metrics[key], 3 if key == "train/loss" else 0)
+        return items
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -186,7 +197,7 @@ class MetricsFile(L.Callback):
         tps = None
         if self.throughput.train_time > 0:
             tps = pl_module.tokens_seen / self.throughput.train_time
-        train_loss = trainer.callback_metrics.get("train/loss")
+        train_loss = getattr(pl_module, "step_metrics", {}).get("train/loss")
         data = {
             "status": status,
             **{k: None for k in ("val/loss", "val/bpb", "val/ppl")},

@@ -89,7 +89,7 @@ class DivergenceError(RuntimeError):
 # skip nn.Module.__setattr__'s registry checks (see LitGPT.__setattr__).
 _PLAIN_ATTRS = frozenset(
     {"_current_fx_name", "tokens_seen", "_loss_sum", "_loss_count", "_loss_logged_at", "_world"}
-)
+)  # (step_metrics is a dict updated in place)
 
 
 class LitGPT(L.LightningModule):
@@ -125,6 +125,7 @@ class LitGPT(L.LightningModule):
         self._loss_sum: torch.Tensor | None = None  # train loss summed over the log window
         self._loss_count = 0
         self._loss_logged_at = -1  # global step of the latest train/loss log
+        self.step_metrics: dict[str, float] = {}  # latest train/* values (log_step_metrics)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _PLAIN_ATTRS:
@@ -184,11 +185,26 @@ class LitGPT(L.LightningModule):
         first = self._loss_logged_at + 1
         self._loss_sum, self._loss_count = None, 0
         self._loss_logged_at = self.global_step
-        if not torch.isfinite(mean):
-            raise DivergenceError(
-                self._nan_message(mean.item(), f"in steps {first}..{self.global_step}")
-            )
-        self.log("train/loss", mean, prog_bar=True)
+        value = mean.item()  # one device sync per logging window
+        if not math.isfinite(value):
+            raise DivergenceError(self._nan_message(value, f"in steps {first}..{self.global_step}"))
+        self.log_step_metrics({"train/loss": value})
+
+    def log_step_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Write train/* figures of the step that just finished straight to the loggers.
+
+        Lightning's `self.log` costs ~0.4 ms per key on a CPU (it moves a result object
+        between devices on every call), which at ~6 keys per logging step is a measurable
+        share of a short step. These figures need none of its reductions: they are plain
+        floats, written by rank zero with Lightning's own step index for training logs
+        (steps done - 1), and kept in `step_metrics` for the progress bar and metrics.json.
+        """
+        self.step_metrics.update(metrics)
+        trainer = self.trainer
+        if trainer.is_global_zero:
+            step = max(0, trainer.global_step - 1) if step is None else step
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def _nan_message(self, value: float, where: str | None = None) -> str:
         return (
@@ -254,6 +270,7 @@ class LitGPT(L.LightningModule):
         self._world = None
         self._loss_sum, self._loss_count = None, 0
         self._loss_logged_at = self.global_step  # (restored by now when resuming)
+        self.step_metrics.clear()
 
     # -- checkpoint extras -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
