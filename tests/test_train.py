@@ -70,6 +70,29 @@ def test_tensorboard_curves(trained):
     assert math.isclose(lr[4], 1e-3 * lr_factor(4, OptimConfig(max_steps=30, warmup_steps=5)),
                         rel_tol=1e-5)  # fmt: skip
     assert lr[9] > lr[14] > lr[29]
+    # train/grad_norm (from the clipping pass, trainer.gradient_clip_val=1.0) at the same steps
+    grad_norms = ea.Scalars("train/grad_norm")
+    assert [e.step for e in grad_norms] == [4, 9, 14, 19, 24, 29]
+    assert all(math.isfinite(e.value) and e.value > 0 for e in grad_norms)
+
+
+def test_progress_bar_can_be_turned_off(corpus, data_root, tmp_path, monkeypatch):
+    from tinyllm import callbacks
+
+    bars = []
+    init = callbacks.StepProgressBar.__init__
+
+    def counting_init(self, *a, **kw):
+        bars.append(self)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(callbacks.StepProgressBar, "__init__", counting_init)
+    short = [*base(corpus, data_root), "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    train_in_process(short, tmp_path / "bar")
+    assert len(bars) == 1
+    # (Lightning itself refuses enable_progress_bar=false next to a progress-bar callback)
+    train_in_process([*short, "trainer.enable_progress_bar=false"], tmp_path / "quiet")
+    assert len(bars) == 1 and read_metrics(tmp_path / "quiet")["status"] == "completed"
 
 
 def test_loss_falls_from_ln_vocab(trained):
@@ -167,6 +190,7 @@ def test_nan_loss_stops_the_run(corpus, data_root, tmp_path):
         ("model.n_head=3", "n_head"),
         ("optim.schedule=nope", "schedule"),
         ("perf.cpu_allocator=fast", "cpu_allocator"),
+        ("trainer.strategy=fsdp", "GPUs only"),  # (this suite runs on CPUs)
     ],
 )
 def test_bad_config_fails_before_training(corpus, data_root, tmp_path, override, match):

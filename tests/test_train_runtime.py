@@ -178,6 +178,88 @@ def test_step_metrics_share_the_logged_step():
     assert lit.step_metrics["train/tokens"] == 10 * 4 * MICRO["block_size"]
 
 
+class _GradNorms(L.Callback):
+    """Global gradient norm before clipping (on_before_optimizer_step runs before it) and
+    after (the step's gradients are still there at on_train_batch_end)."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, float] = {}
+        self.after: dict[int, float] = {}
+
+    @staticmethod
+    def _norm(module) -> float:
+        return float(torch.stack([p.grad.norm() for p in module.parameters()]).norm())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before[trainer.global_step] = self._norm(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after[trainer.global_step - 1] = self._norm(pl_module)
+
+
+def test_norm_clipping_logs_the_norm_it_measured():
+    from tinyllm.callbacks import ThroughputMonitor
+
+    torch.manual_seed(0)
+    lit = LitGPT(MICRO, optim={"lr": 1e-2, "warmup_steps": 0})
+    norms = _GradNorms()
+    _, rec, _ = _fit(lit, steps=10, every=5, gradient_clip_val=0.5,
+                     callbacks_extra=[norms, ThroughputMonitor(every=5)])  # fmt: skip
+    logged = [(step, m["train/grad_norm"]) for step, m in rec.rows if "train/grad_norm" in m]
+    assert [step for step, _ in logged] == [4, 9]  # once per logging step, not twice
+    for step, value in logged:
+        assert math.isclose(value, norms.before[step], rel_tol=1e-5)  # the norm before clipping
+    clipped = [s for s, n in norms.before.items() if n > 0.5]
+    assert clipped  # (lr 1e-2 on random tokens: the gradients exceed 0.5)
+    for s in clipped:
+        assert norms.after[s] <= 0.5 * (1 + 1e-4)  # ...and the clipping happened
+
+
+def test_fp16_mixed_trains_with_clipping_and_fused_adamw_only_without_a_scaler():
+    # Lightning refuses to clip when a fused optimizer unscales inside its step. On a CPU,
+    # Lightning runs 16-mixed as bf16-mixed, without a gradient scaler: tinyllm clips itself
+    # and keeps the fused kernel (this used to stop with Lightning's error)...
+    torch.manual_seed(0)
+    lit = LitGPT(MICRO)
+    trainer, _, losses = _fit(lit, steps=2, every=1, precision="16-mixed", gradient_clip_val=1.0)
+    assert trainer.global_step == 2 and all(math.isfinite(x) for x in losses)
+    # ...while with a scaler (16-mixed on GPUs) the optimizer is the foreach one, so
+    # Lightning unscales before clipping.
+    lit._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    opt = lit.configure_optimizers()["optimizer"]
+    assert opt.defaults["foreach"] and not opt.defaults.get("fused")
+
+
+def test_fsdp_clipping_goes_through_the_root_module(monkeypatch):
+    # FSDP itself cannot run on CPUs; this checks the branch: the wrapped root module's
+    # clip_grad_norm_ (the norm over every rank's shards) is called and its norm logged.
+    import tinyllm.module as module
+
+    calls = []
+
+    class Root:
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+            return torch.tensor(3.0)
+
+    rec = _Recorder()
+    lit = LitGPT(MICRO)
+    lit._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(model=Root()), precision_plugin=SimpleNamespace(),
+        gradient_clip_val=1.0, gradient_clip_algorithm=None,
+        global_step=4, log_every_n_steps=5, is_global_zero=True, loggers=[rec],
+    )  # fmt: skip
+    monkeypatch.setattr(module, "_is_fsdp", lambda m: isinstance(m, Root))
+    assert lit.grad_norm_from_clipping()
+    lit.configure_gradient_clipping(None, gradient_clip_val=1.0)
+    assert calls == [1.0] and rec.rows == [(4, {"train/grad_norm": 3.0})]
+    # An FSDP strategy whose root is not FSDP-wrapped is left to Lightning (which refuses
+    # norm clipping there with its own message) rather than clipped shard by shard.
+    FSDPStrategy = type("FSDPStrategy", (), {"model": object()})
+    lit._trainer.strategy = FSDPStrategy()
+    assert not lit.grad_norm_from_clipping()
+
+
 def test_non_finite_loss_stops_within_one_window_and_blocks_checkpoints():
     torch.manual_seed(0)
     lit = LitGPT({**MICRO, "extra": {}}, optim={"lr": 1e12, "warmup_steps": 0})
@@ -205,6 +287,15 @@ def test_progress_bar_does_its_work_every_refresh_rate_steps(monkeypatch):
     for i in range(25):
         bar.on_train_batch_end(None, None, None, None, i)
     assert calls == [9, 19, 24]  # every 10th batch, and the last one
+
+
+def test_progress_bar_epoch_text_and_no_restart_between_epochs():
+    bar = StepProgressBar()
+    assert bar._leave is False  # (leave=True stops and restarts the live display per epoch)
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # step-based: epochs are unbounded
+    assert bar._get_train_description(3).strip() == "Epoch 3"
+    bar._trainer = SimpleNamespace(max_epochs=5)
+    assert bar._get_train_description(3).strip() == "Epoch 3/4"
 
 
 def test_fast_setattr_keeps_module_registration():

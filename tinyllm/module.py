@@ -8,6 +8,7 @@ rebuilds the module (and `tinyllm.load_checkpoint` the bare GPT) without the con
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -248,13 +249,61 @@ class LitGPT(L.LightningModule):
         # The fused AdamW kernel (CUDA, and CPU since torch 2.4) updates every parameter in one
         # pass; on the micro model it takes 0.7 ms a step on CPU where the multi-tensor
         # (foreach) path takes 2.5 ms. Older builds fall back to foreach.
+        # Under 16-mixed (fp16 with a gradient scaler) the fused kernel unscales inside its
+        # step, after gradient clipping would have run on scaled gradients: foreach there.
         kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        try:
-            opt = torch.optim.AdamW(groups, fused=True, **kw)
-        except (RuntimeError, ValueError, TypeError):
+        opt = None
+        if _grad_scaler(self._trainer) is None:
+            with contextlib.suppress(RuntimeError, ValueError, TypeError):  # (no fused kernel)
+                opt = torch.optim.AdamW(groups, fused=True, **kw)
+        if opt is None:
             opt = torch.optim.AdamW(groups, foreach=True, **kw)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm (trainer.gradient_clip_val), keeping the norm it measures.
+
+        One pass gives both the clipping and `train/grad_norm` (before clipping, logged on
+        logging steps), so no second pass over the gradients. Under FSDP the norm has to be
+        taken over every rank's shards: FSDP's own `clip_grad_norm_` does that (Lightning's
+        default clipping supports only clipping by value there). Clipping by value, or with a
+        gradient scaler (16-mixed), goes through Lightning's own path.
+        """
+        if (
+            not gradient_clip_val
+            or gradient_clip_algorithm == "value"
+            or not self.grad_norm_from_clipping()
+        ):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        trainer = self.trainer
+        wrapped = trainer.strategy.model
+        if _is_fsdp(wrapped):
+            norm = wrapped.clip_grad_norm_(gradient_clip_val)
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        step = trainer.global_step  # the step about to finish (0-based)
+        if (step + 1) % max(1, int(trainer.log_every_n_steps or 1)) == 0:
+            self.log_step_metrics({"train/grad_norm": float(norm)}, step=step)
+
+    def grad_norm_from_clipping(self) -> bool:
+        """Whether configure_gradient_clipping measures and logs train/grad_norm this run."""
+        trainer = self.trainer
+        if not trainer.gradient_clip_val or trainer.gradient_clip_algorithm == "value":
+            return False
+        if _grad_scaler(trainer) is not None:
+            return False  # (Lightning unscales, then clips)
+        # FSDP: only through the root FSDP module (Lightning wraps the whole LightningModule)
+        return _is_fsdp(trainer.strategy.model) or "FSDP" not in type(trainer.strategy).__name__
 
     def _lr_lambda(self, step: int) -> float:
         cfg = self.optim_cfg
@@ -299,3 +348,17 @@ def _tokens_per_byte(meta: dict[str, Any] | None) -> float | None:
         return float(val["tokens"]) / float(val["bytes"])
     except (TypeError, KeyError, ZeroDivisionError, ValueError):
         return None
+
+
+def _grad_scaler(trainer: Any) -> Any:
+    """The trainer's gradient scaler (16-mixed with a scaler), or None."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+
+
+def _is_fsdp(module: Any) -> bool:
+    """True for a module wrapped by torch's FullyShardedDataParallel (Lightning's FSDP)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # (torch built without distributed)
+        return False
+    return isinstance(module, FullyShardedDataParallel)

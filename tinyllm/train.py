@@ -91,6 +91,12 @@ def _accelerator(cfg_accel: str) -> str:
 
 def _check_devices(accel: str, devices: Any) -> int:
     """Number of local processes, with a clear error when more are asked than exist."""
+    if accel == "gpu" and torch.cuda.device_count() == 0:
+        raise TinyLLMError(
+            "trainer.accelerator=gpu but no CUDA GPU is visible to this process (a CPU-only "
+            "torch build, no driver, or CUDA_VISIBLE_DEVICES hides them). Use "
+            "trainer.accelerator=auto (or cpu), or install the torch build for your CUDA."
+        )
     if devices in ("auto", -1, "-1"):
         return torch.cuda.device_count() if accel == "gpu" else 1
     if isinstance(devices, (list, tuple)) or (isinstance(devices, str) and "," in devices):
@@ -278,8 +284,9 @@ def _callbacks(cfg: DictConfig, run_dir: Path, dm, tokenizer, peak_flops, extra:
             save_last=True,
             enable_version_counter=False,
         ),
-        StepProgressBar(refresh_rate=10, leave=True),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):  # (false: batch jobs, log files)
+        cbs.append(StepProgressBar(refresh_rate=10))
     if cfg.checkpoint.every_n_steps:
         cbs.append(
             ModelCheckpoint(
@@ -325,6 +332,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accel = _accelerator(str(cfg.trainer.accelerator))
     n_local = _check_devices(accel, cfg.trainer.devices)
     world = n_local * int(cfg.trainer.num_nodes)
+    if "fsdp" in str(cfg.trainer.strategy).lower() and accel != "gpu":
+        raise TinyLLMError(
+            f"trainer.strategy={cfg.trainer.strategy} runs on GPUs only (Lightning's FSDP "
+            f"strategy needs CUDA devices), but this run's accelerator is {accel}. On CPUs use "
+            "trainer.devices=N (DDP over gloo: every process holds the whole model)."
+        )
     allocator = _cpu_allocator(cfg, accel)
 
     # --- data and model config (rank zero prepares before any worker starts) -------------
