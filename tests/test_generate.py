@@ -165,7 +165,7 @@ def test_text_stream_utf8_and_stop_strings() -> None:
 
 
 def test_chat_template_prompt_and_eos(tok: BPETokenizer) -> None:
-    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.chat import ChatTemplate
 
     model = tiny_gpt(tok)
     tmpl = {"user_prefix": "Q: "}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyllm.data.chat import ChatTemplate
+from tinyllm.chat import ChatTemplate
 from tinyllm.data.qa import (
     IGNORE_INDEX,
     ExactMatchCallback,

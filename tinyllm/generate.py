@@ -24,8 +24,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from tinyllm.chat import ChatTemplate
 from tinyllm.errors import TinyLLMError, exit_on_user_error
-from tinyllm.sampling import generate, generate_stream, validate_sampling
+from tinyllm.sampling import SamplingConfig, generate, generate_stream
 
 __all__ = ["generate", "generate_stream", "load_for_generation", "main"]
 
@@ -122,16 +123,17 @@ def _opt(cfg: DictConfig, key: str, kind: type, allow_none: bool = True) -> Any:
         ) from None
 
 
-def _sampling_options(cfg: DictConfig) -> dict[str, Any]:
-    opts = dict(
+def _sampling(cfg: DictConfig) -> SamplingConfig:
+    """The decode settings from the command line, type-checked, then range-checked."""
+    return SamplingConfig(
         temperature=_opt(cfg, "temperature", float, allow_none=False),
         top_k=_opt(cfg, "top_k", int),
         top_p=_opt(cfg, "top_p", float),
         min_p=_opt(cfg, "min_p", float),
         repetition_penalty=_opt(cfg, "repetition_penalty", float, allow_none=False),
-    )
-    validate_sampling(**opts)
-    return opts
+        max_new_tokens=_opt(cfg, "max_new_tokens", int, allow_none=False),
+        use_cache=bool(cfg.get("use_cache", True)),
+    ).validate()
 
 
 def _stops(cfg: DictConfig) -> list[str]:
@@ -175,8 +177,6 @@ def _chat_template(cfg: DictConfig, ckpt_chat: Any) -> Any:
 
 def _chat_prefix(template: Any, question: str) -> str:
     """How a templated prompt reads as text (without the special tokens)."""
-    from tinyllm.data.chat import ChatTemplate
-
     t = ChatTemplate.coerce(template)
     return t.user_prefix + question + t.user_suffix + t.assistant_prefix + t.answer_lead
 
@@ -192,27 +192,17 @@ def _summary(stats: dict[str, Any], seconds: float, device: torch.device, dtype:
 
 def run(cfg: DictConfig) -> None:
     device = resolve_device(str(cfg.get("device", "auto")))
-    sampling = _sampling_options(cfg)
-    max_new = _opt(cfg, "max_new_tokens", int, allow_none=False)
+    sampling = _sampling(cfg)
     num_samples = _opt(cfg, "num_samples", int, allow_none=False)
     seed = _opt(cfg, "seed", int)
-    if max_new < 0 or num_samples < 1:
-        raise TinyLLMError(
-            f"max_new_tokens={max_new} / num_samples={num_samples}: use max_new_tokens >= 0 "
-            "and num_samples >= 1."
-        )
+    if num_samples < 1:
+        raise TinyLLMError(f"num_samples={num_samples}: use a whole number >= 1.")
     stop = _stops(cfg)
     prompt = _prompt(cfg)
     dtype = str(cfg.get("dtype", "fp32"))
     model, tokenizer, ckpt_chat = load_for_generation(cfg.get("ckpt"), device, dtype)
     template = _chat_template(cfg, ckpt_chat)
-    opts = dict(
-        max_new_tokens=max_new,
-        stop=stop,
-        chat_template=template,
-        use_cache=bool(cfg.get("use_cache", True)),
-        **sampling,
-    )
+    opts = dict(stop=stop, chat_template=template, sampling=sampling)
     if _opt(cfg, "interactive", bool):
         return _repl(model, tokenizer, template, seed, device, dtype, opts)
 
@@ -253,7 +243,7 @@ def _repl(
 ) -> None:
     """Type a line, watch the answer stream. With a chat template the conversation is kept
     (oldest turns dropped to fit the context); without one each line is a fresh prompt."""
-    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.chat import ChatTemplate
 
     generator = torch.Generator(device=device)
     if seed is not None:

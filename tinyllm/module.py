@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
+from tinyllm.chat import IGNORE_INDEX
 from tinyllm.checkpoint import CKPT_FORMAT_VERSION
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT, ModelConfig
-
-IGNORE_INDEX = -100
 
 
 @dataclass

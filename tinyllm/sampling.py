@@ -19,6 +19,7 @@ the sequence and decoding goes on.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tinyllm.chat import ChatTemplate
 from tinyllm.errors import TinyLLMError
 
 # After the window slides, this fraction of the context is kept (and re-prefilled). Keeping 3/4
@@ -161,21 +163,62 @@ def sample_next(
 # The decoding loop
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingConfig:
-    """The sampler settings as one value (what the CLI and the text API pass around)."""
+    """Every setting of one decode, as one value: what the CLI builds from its options, what
+    the text, stream, batch and exact-match wrappers hand to the one loop below.
 
-    temperature: float = 1.0
+    The wrappers also take the fields as keywords (`temperature=0.8`), which replace those of
+    `sampling=` (default: SamplingConfig()); see `SamplingConfig.of`.
+    """
+
+    temperature: float = 1.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    max_new_tokens: int = 200
+    use_cache: bool = True  # False recomputes the whole window each step (for comparison)
 
     def validate(self) -> SamplingConfig:
         validate_sampling(
             self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty
         )
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TinyLLMError(f"max_new_tokens={n}: use a whole number >= 0.")
         return self
+
+    @classmethod
+    def of(
+        cls,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int | None = None,
+        **options: Any,
+    ) -> SamplingConfig:
+        """`sampling` (or the defaults) with `options` (and max_new_tokens unless None)
+        replaced, validated."""
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TinyLLMError(f"Unknown sampling option(s) {unknown}. Valid options: {names}.")
+        return dataclasses.replace(sampling or cls(), **options).validate()
+
+    def next_token(self, logits: Tensor, seq: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The next token of each row [B] from logits [B, V], given the sequence so far."""
+        prev = seq if self.repetition_penalty != 1.0 else None
+        return sample_next(
+            logits,
+            generator,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+            prev_ids=prev,
+        )
 
 
 def _window_start(seq_len: int, start: int, block_size: int) -> int:
@@ -191,115 +234,133 @@ def _window_start(seq_len: int, start: int, block_size: int) -> int:
     return seq_len - keep
 
 
+def _warn_cropped(model: nn.Module, T0: int, start: int) -> None:
+    # The position object says whether it can reach further back (a bounded, absolute
+    # encoding cannot); a model without one (a test double) is treated as relative.
+    bounded = getattr(getattr(model, "pos", None), "max_len", None) is not None
+    how = (
+        "its positions cannot reach further back"
+        if bounded
+        else "a sliding window keeps the most recent tokens"
+    )
+    warnings.warn(
+        f"The prompt has {T0} tokens but the model's context (block_size) is "
+        f"{model.config.block_size}: only the last {T0 - start} are used ({how}).",
+        stacklevel=3,
+    )
+
+
+class _Window:
+    """The model's view of the sequence: the KV cache (or none) and where the window starts.
+
+    `logits(seq, n)` gives the next-token logits [B, V] after the first n tokens of seq: one
+    new token through the cache, or the whole window again when it slid (or without a cache).
+    """
+
+    def __init__(
+        self, model: nn.Module, B: int, T0: int, use_cache: bool, device: torch.device
+    ) -> None:
+        self.model = model
+        self.block_size: int = model.config.block_size
+        self.start = max(0, T0 - self.block_size)  # a long prompt: the last block_size tokens
+        self.cache = (
+            model.init_kv_cache(B, max_seq_len=self.block_size, device=device)
+            if use_cache
+            else None
+        )
+        self.slid = False
+
+    def prefill(self, seq: Tensor, n: int) -> Tensor:
+        """The whole window in one pass; the cache now holds its keys and values."""
+        return self.model(seq[:, self.start : n], kv_cache=self.cache)[:, -1, :]  # [B, V]
+
+    def logits(self, seq: Tensor, n: int) -> Tensor:
+        new_start = _window_start(n, self.start, self.block_size)
+        if new_start != self.start and not self.slid:
+            self.slid = True
+            warnings.warn(
+                f"Generation reached the context length ({self.block_size} tokens); continuing "
+                f"with a sliding window over the last {n - new_start} tokens.",
+                stacklevel=2,
+            )
+        if self.cache is None:
+            self.start = new_start
+            return self.model(seq[:, self.start : n])[:, -1, :]  # recompute the whole window
+        if new_start != self.start:
+            self.start = new_start
+            self.cache.reset()
+            return self.prefill(seq, n)  # re-prefill the slid window
+        return self.model(seq[:, n - 1 : n], kv_cache=self.cache)[:, -1, :]
+
+
 @torch.inference_mode()  # as a decorator it also covers a generator, step by step
 def iter_generate_ids(
     model: nn.Module,
     idx: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    *,
     eos_id: int | None = None,
     stop_ids: Sequence[Sequence[int]] = (),
     generator: torch.Generator | None = None,
-    use_cache: bool = True,
+    sampling: SamplingConfig | None = None,
+    **options: Any,
 ) -> Iterator[Tensor]:
-    """Yield the new tokens step by step, each a LongTensor [B] (on the model's device).
+    """THE decoding loop. Yield the new tokens step by step, each a LongTensor [B] (on the
+    model's device); every other way to generate (ids, text, stream, batch, exact match)
+    wraps this one.
 
-    `idx` is the prompt, LongTensor [B, T] (or [T]), and all rows share its length. A row that
-    has finished (EOS or a stop sequence) keeps yielding `eos_id` (or 0 without one), and the
-    loop ends once every row has finished. The consumer may `send()` a bool sequence/tensor [B]
-    (True = finish that row) or a plain True (finish all), e.g. when a stop *string* appears.
+    `idx` is the prompt, LongTensor [B, T] (or [T]), and all rows share its length. The settings
+    are `sampling` with `options` (SamplingConfig fields) and `max_new_tokens` replaced. A row
+    that has finished (EOS or a stop sequence) keeps yielding `eos_id` (or 0 without one), and
+    the loop ends once every row has finished. The consumer may `send()` a bool sequence/tensor
+    [B] (True = finish that row) or a plain True (finish all), e.g. when a stop *string* appears.
     """
-    validate_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-    if max_new_tokens < 0:
-        raise TinyLLMError(f"max_new_tokens={max_new_tokens}: use a whole number >= 0.")
+    s = SamplingConfig.of(sampling, max_new_tokens, **options)
     if idx.dim() == 1:
         idx = idx.unsqueeze(0)  # [T] -> [1, T]
     B, T0 = idx.shape
     if T0 == 0:
         raise TinyLLMError("The prompt is empty: start from at least one token (e.g. BOS).")
-    if max_new_tokens == 0:
+    if s.max_new_tokens == 0:
         return
-    block_size: int = model.config.block_size
     device = next(model.parameters()).device
 
     # One buffer holds the whole sequence: the prompt, then each new token written in place.
-    seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)
+    seq = torch.empty(B, T0 + s.max_new_tokens, dtype=torch.long, device=device)
     seq[:, :T0] = idx.to(device)
     n = T0  # tokens in seq so far
-    start = max(0, T0 - block_size)  # a long prompt: the last block_size tokens
-    if start > 0:
-        how = (
-            "its positions cannot reach further back"
-            if model.config.pos in ("learned", "sinusoidal")
-            else "a sliding window keeps the most recent tokens"
-        )
-        warnings.warn(
-            f"The prompt has {T0} tokens but the model's context (block_size) is {block_size}: "
-            f"only the last {T0 - start} are used ({how}).",
-            stacklevel=2,
-        )
+    window = _Window(model, B, T0, s.use_cache, device)
+    if window.start > 0:
+        _warn_cropped(model, T0, window.start)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = torch.full((B,), eos_id if eos_id is not None else 0, dtype=torch.long, device=device)
-    stop_seqs = [torch.tensor(list(s), device=device) for s in stop_ids if len(s) > 0]
+    stop_seqs = [torch.tensor(list(t), device=device) for t in stop_ids if len(t) > 0]
     check_done = eos_id is not None or bool(stop_seqs)
-    slid = False
-    sample = dict(
-        generator=generator,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-    )
 
-    cache = model.init_kv_cache(B, max_seq_len=block_size, device=device) if use_cache else None
     was_training = model.training
     model.eval()  # no dropout while sampling (the training loop calls this mid-training)
     try:
-        # prefill: the whole window in one pass; the cache now holds its keys and values
-        logits = model(seq[:, start:n], kv_cache=cache)[:, -1, :]  # [B, V]
-        for step in range(max_new_tokens):
-            prev = seq[:, :n] if repetition_penalty != 1.0 else None
-            nxt = sample_next(logits, prev_ids=prev, **sample)  # [B]
+        logits = window.prefill(seq, n)
+        for step in range(s.max_new_tokens):
+            nxt = s.next_token(logits, seq[:, :n], generator)  # [B]
             if check_done:
                 nxt = torch.where(finished, fill, nxt)  # finished rows repeat the filler
             seq[:, n] = nxt
             n += 1
             if eos_id is not None:
                 finished |= nxt == eos_id
-            for s in stop_seqs:
-                if n - T0 >= len(s):
-                    finished |= (seq[:, n - len(s) : n] == s).all(dim=1)  # tail [B, len(s)]
+            for t in stop_seqs:
+                if n - T0 >= len(t):
+                    finished |= (seq[:, n - len(t) : n] == t).all(dim=1)  # tail [B, len(t)]
             feedback = yield nxt
             if feedback is not None and feedback is not False:
                 if feedback is True:
                     return
                 finished |= torch.as_tensor(feedback, dtype=torch.bool, device=device)
                 check_done = True
-            if step == max_new_tokens - 1 or (check_done and bool(finished.all())):
+            if step == s.max_new_tokens - 1 or (check_done and bool(finished.all())):
                 return
-            # next logits: one new token through the cache, or the window again when it slid
-            new_start = _window_start(n, start, block_size)
-            if new_start != start and not slid:
-                slid = True
-                warnings.warn(
-                    f"Generation reached the context length ({block_size} tokens); continuing "
-                    f"with a sliding window over the last {n - new_start} tokens.",
-                    stacklevel=1,
-                )
-            if cache is None:
-                start = new_start
-                logits = model(seq[:, start:n])[:, -1, :]  # recompute the whole window
-            elif new_start != start:
-                start = new_start
-                cache.reset()
-                logits = model(seq[:, start:n], kv_cache=cache)[:, -1, :]  # re-prefill
-            else:
-                logits = model(seq[:, n - 1 : n], kv_cache=cache)[:, -1, :]
+            logits = window.logits(seq, n)
     finally:
         model.train(was_training)
 
@@ -307,18 +368,15 @@ def iter_generate_ids(
 def generate_ids(
     model: nn.Module,
     idx: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    *,
     eos_id: int | None = None,
     stop_ids: Sequence[Sequence[int]] = (),
     generator: torch.Generator | None = None,
-    use_cache: bool = True,
     on_token: Callable[[Tensor], object] | None = None,
     num_samples: int = 1,
+    sampling: SamplingConfig | None = None,
+    **options: Any,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` after the prompt `idx` ([T] or [B, T]).
 
@@ -333,24 +391,14 @@ def generate_ids(
         raise TinyLLMError(f"num_samples={num_samples}: use a whole number >= 1.")
     if num_samples > 1:
         idx = idx.repeat_interleave(num_samples, dim=0)  # [B, T] -> [B * num_samples, T]
+    s = SamplingConfig.of(sampling, max_new_tokens, **options)
     B = idx.size(0)
     steps = iter_generate_ids(
-        model,
-        idx,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        eos_id=eos_id,
-        stop_ids=stop_ids,
-        generator=generator,
-        use_cache=use_cache,
+        model, idx, eos_id=eos_id, stop_ids=stop_ids, generator=generator, sampling=s
     )
     out: list[Tensor] = []
     stopped = torch.zeros(B, dtype=torch.bool)  # rows stopped by on_token, on the CPU
-    stopped_at = [max_new_tokens] * B
+    stopped_at = [s.max_new_tokens] * B
     feedback = None
     try:
         while True:
@@ -461,8 +509,6 @@ def _prompt_ids(
 ) -> tuple[list[int], str, list[str]]:
     """Ids of the prompt, the lead to strip from the answer and extra stop strings."""
     if chat_template is not None:
-        from tinyllm.data.chat import ChatTemplate
-
         tmpl = ChatTemplate.coerce(chat_template)
         stops = [tmpl.assistant_suffix] if tmpl.assistant_suffix else []
         return tmpl.encode_prompt(tokenizer, prompt), tmpl.answer_lead, stops
@@ -487,62 +533,62 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _make_generator(model: nn.Module, seed: int | None) -> torch.Generator | None:
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+    """A generator seeded with `seed` on `device` (None without a seed: torch's global RNG)."""
     if seed is None:
         return None
-    g = torch.Generator(device=_model_device(model))
+    g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
+
+
+def _text_setup(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[dict[str, str]],
+    stop: str | Sequence[str],
+    chat_template: Any,
+    rows: int,
+) -> tuple[Tensor, list[TextStream]]:
+    """The prompt as ids [1, T] on the model's device, and one TextStream per output row."""
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    ids, lead, extra_stops = _prompt_ids(tokenizer, prompt, chat_template)
+    streams = [TextStream(tokenizer, stop + extra_stops, lead) for _ in range(rows)]
+    return torch.tensor([ids], dtype=torch.long, device=_model_device(model)), streams
 
 
 def generate_stream(
     model: nn.Module,
     tokenizer: Any,
     prompt: str | Sequence[dict[str, str]] = "",
-    max_new_tokens: int = 200,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    *,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     stop: str | Sequence[str] = (),
     stop_at_eos: bool = True,
     chat_template: Any = None,
-    use_cache: bool = True,
     stats: dict[str, Any] | None = None,
+    sampling: SamplingConfig | None = None,
+    **options: Any,
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, as soon as each is complete.
 
     Joining the pieces gives exactly what `generate(...)` returns for the same arguments. With
     a `chat_template` (a ChatTemplate or its dict, as stored in fine-tuned checkpoints) the
     prompt is a question (or a message list) and the answer ends at EOS. `stats`, when given,
-    receives {"prompt_tokens", "new_tokens"}.
+    receives {"prompt_tokens", "new_tokens"}. Settings: `sampling` and/or its fields as
+    keywords (max_new_tokens=, temperature=, top_k=, ...).
     """
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    ids, lead, extra_stops = _prompt_ids(tokenizer, prompt, chat_template)
-    text = TextStream(tokenizer, stop + extra_stops, lead)
+    s = SamplingConfig.of(sampling, max_new_tokens, **options)
+    idx, (text,) = _text_setup(model, tokenizer, prompt, stop, chat_template, rows=1)
     eos_id = tokenizer.eos_id if stop_at_eos else None
     if generator is None:
-        generator = _make_generator(model, seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=_model_device(model))  # [1, T]
-    steps = iter_generate_ids(
-        model,
-        idx,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        eos_id=eos_id,
-        generator=generator,
-        use_cache=use_cache,
-    )
+        generator = make_generator(idx.device, seed)
+    steps = iter_generate_ids(model, idx, eos_id=eos_id, generator=generator, sampling=s)
     n = 0
     if stats is not None:
-        stats.update(prompt_tokens=len(ids), new_tokens=0)
+        stats.update(prompt_tokens=idx.size(1), new_tokens=0)
     try:
         for nxt in steps:
             tok = int(nxt[0])
@@ -567,21 +613,18 @@ def generate(
     model: nn.Module,
     tokenizer: Any,
     prompt: str | Sequence[dict[str, str]] = "",
-    max_new_tokens: int = 200,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    *,
     num_samples: int = 1,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     stop: str | Sequence[str] = (),
     stop_at_eos: bool = True,
     chat_template: Any = None,
-    use_cache: bool = True,
     include_prompt: bool = False,
     stats: dict[str, Any] | None = None,
+    sampling: SamplingConfig | None = None,
+    **options: Any,
 ) -> str | list[str]:
     """Continue `prompt` and return the new text (a list of num_samples texts when > 1).
 
@@ -589,38 +632,20 @@ def generate(
     stop_at_eos=False), at any of the `stop` strings (which are not included) or after
     max_new_tokens. An empty prompt starts from BOS. `seed` makes sampling reproducible.
     `include_prompt=True` puts the prompt text in front (not with a chat template). `stats`,
-    when given, receives {"prompt_tokens", "new_tokens"} (summed over samples).
+    when given, receives {"prompt_tokens", "new_tokens"} (summed over samples). Settings:
+    `sampling` and/or its fields as keywords (max_new_tokens=, temperature=, top_k=, ...).
     """
     if num_samples < 1:
         raise TinyLLMError(f"num_samples={num_samples}: use a whole number >= 1.")
     head = prompt if include_prompt and chat_template is None and isinstance(prompt, str) else ""
-    common = dict(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        generator=generator if generator is not None else _make_generator(model, seed),
-        use_cache=use_cache,
-    )
+    if generator is None:
+        generator = make_generator(_model_device(model), seed)
+    text = dict(stop=stop, stop_at_eos=stop_at_eos, chat_template=chat_template, stats=stats)
+    s = SamplingConfig.of(sampling, max_new_tokens, **options)
     if num_samples == 1:
-        out = "".join(
-            generate_stream(
-                model,
-                tokenizer,
-                prompt,
-                stop=stop,
-                stop_at_eos=stop_at_eos,
-                chat_template=chat_template,
-                stats=stats,
-                **common,
-            )
-        )
-        return head + out
-    texts = _generate_batch(
-        model, tokenizer, prompt, num_samples, stop, stop_at_eos, chat_template, stats, **common
-    )
+        pieces = generate_stream(model, tokenizer, prompt, generator=generator, sampling=s, **text)
+        return head + "".join(pieces)
+    texts = _generate_batch(model, tokenizer, prompt, num_samples, generator, s, **text)
     return [head + t for t in texts]
 
 
@@ -629,21 +654,20 @@ def _generate_batch(
     tokenizer: Any,
     prompt: str | Sequence[dict[str, str]],
     num_samples: int,
+    generator: torch.Generator | None,
+    sampling: SamplingConfig,
     stop: str | Sequence[str],
     stop_at_eos: bool,
     chat_template: Any,
     stats: dict[str, Any] | None,
-    **common: Any,
 ) -> list[str]:
     """num_samples continuations of one prompt, decoded as one batch of rows."""
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    ids, lead, extra_stops = _prompt_ids(tokenizer, prompt, chat_template)
-    streams = [TextStream(tokenizer, stop + extra_stops, lead) for _ in range(num_samples)]
+    idx, streams = _text_setup(model, tokenizer, prompt, stop, chat_template, rows=num_samples)
     pieces: list[list[str]] = [[] for _ in range(num_samples)]
     eos_id = tokenizer.eos_id if stop_at_eos else None
     ended = [False] * num_samples  # EOS seen or a stop string completed
     if stats is not None:
-        stats.update(prompt_tokens=len(ids), new_tokens=0)
+        stats.update(prompt_tokens=idx.size(1), new_tokens=0)
 
     def on_token(nxt: Tensor) -> list[bool] | None:
         for r, tok in enumerate(nxt.tolist()):
@@ -658,10 +682,30 @@ def _generate_batch(
             ended[r] = streams[r].done
         return [s.done for s in streams] if any(s.done for s in streams) else None
 
-    idx = torch.tensor([ids], dtype=torch.long, device=_model_device(model))  # [1, T]
     # the text streams see every token through on_token, so the returned ids are not needed
-    generate_ids(model, idx, eos_id=eos_id, on_token=on_token, num_samples=num_samples, **common)
+    generate_ids(
+        model,
+        idx,
+        eos_id=eos_id,
+        generator=generator,
+        on_token=on_token,
+        num_samples=num_samples,
+        sampling=sampling,
+    )
     for s, p in zip(streams, pieces):
         if not s.done:
             p.append(s.flush())
     return ["".join(p) for p in pieces]
+
+
+# --------------------------------------------------------------------------------------------
+# Exact match: the Q&A evaluation decodes through the same loop, greedily
+
+
+def greedy_answer_ids(
+    model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, eos_id: int | None
+) -> list[int]:
+    """The greedy continuation of prompt_ids: the new ids, the eos included if reached."""
+    idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=_model_device(model))
+    steps = iter_generate_ids(model, idx, max_new_tokens, eos_id=eos_id, temperature=0.0)
+    return [int(t[0]) for t in steps]

@@ -8,7 +8,7 @@ The file is a JSON array or JSON Lines of records, either a pair
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 
-Each record becomes one example (see tinyllm/data/chat.py for the template). Batches are
+Each record becomes one example (see tinyllm/chat.py for the template). Batches are
 `(x, y)` LongTensor pairs [B, T] like the pretraining data, except that `y` is -100 (the
 cross-entropy `ignore_index`) everywhere but on answer tokens and the `<eos>` after them: the
 loss teaches the model to answer, not to ask. Examples are padded per batch to the longest
@@ -34,13 +34,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from tinyllm.data.chat import ROLES, ChatTemplate, Message, TokenizerLike, as_messages
+from tinyllm.chat import (
+    IGNORE_INDEX,
+    ROLES,
+    ChatTemplate,
+    Message,
+    TokenizerLike,
+    as_messages,
+)
 from tinyllm.errors import TinyLLMError
+from tinyllm.sampling import greedy_answer_ids
 
 if TYPE_CHECKING:
     from tinyllm.tokenizer import BPETokenizer
-
-IGNORE_INDEX = -100  # targets with this value add nothing to F.cross_entropy's loss
 
 _EXAMPLE = (
     '[{"question": "Who are you?", "answer": "I am TinyLLM."}] or, as JSON Lines, one '
@@ -604,49 +610,6 @@ def split_prompt(record: Any) -> tuple[list[Message], str]:
     return messages[:last], messages[last]["content"]
 
 
-@torch.no_grad()
-def greedy_ids(
-    model: torch.nn.Module,
-    prompt_ids: Sequence[int],
-    max_new_tokens: int,
-    stop_ids: Sequence[int] = (),
-) -> list[int]:
-    """Greedy continuation of prompt_ids (the new ids, the stop id included if reached).
-
-    Uses the model's KV cache when it has one and the whole sequence fits in its block;
-    otherwise re-runs the (cropped) context each step.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    block = int(model.config.block_size)
-    stops = set(int(s) for s in stop_ids)
-    out: list[int] = []
-    idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # [1, T]
-    use_cache = hasattr(model, "init_kv_cache") and idx.size(1) + max_new_tokens <= block
-    try:
-        if use_cache:
-            cache = model.init_kv_cache(1, block, device=device)
-            logits = model(idx, kv_cache=cache)  # [1, T, V]
-            for _ in range(max_new_tokens):
-                nxt = int(logits[0, -1].argmax())
-                out.append(nxt)
-                if nxt in stops:
-                    break
-                logits = model(torch.tensor([[nxt]], device=device), kv_cache=cache)
-        else:
-            for _ in range(max_new_tokens):
-                logits = model(idx[:, -block:])  # [1, T', V], cropped to the model's block
-                nxt = int(logits[0, -1].argmax())
-                out.append(nxt)
-                if nxt in stops:
-                    break
-                idx = torch.cat([idx, torch.tensor([[nxt]], device=device)], dim=1)
-    finally:
-        model.train(was_training)
-    return out
-
-
 def greedy_answer(
     model: torch.nn.Module,
     tokenizer: TokenizerLike,
@@ -658,7 +621,8 @@ def greedy_answer(
     tmpl = ChatTemplate.coerce(template)
     ids = tmpl.encode_prompt(tokenizer, prompt)
     stops = tmpl.stop_ids(tokenizer)
-    new = greedy_ids(model, ids, max_new_tokens, stops)
+    # the one decoding loop of tinyllm.sampling, at temperature 0
+    new = greedy_answer_ids(model, ids, max_new_tokens, eos_id=stops[0] if stops else None)
     stopped = bool(new) and new[-1] in stops
     return tmpl.decode_answer(tokenizer, new), stopped
 

@@ -407,7 +407,7 @@ def _known(kind: str) -> Callable[[Mapping[str, Any]], Source]:
 def _qa(cfg: Mapping[str, Any]) -> Source:
     """A Q&A file as plain text documents (one rendered record each), for pretraining-style
     prepare; fine-tuning itself goes through tinyllm.data.qa.QADataModule."""
-    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.chat import ChatTemplate
     from tinyllm.data.qa import load_qa_records
 
     path = _cfg_get(cfg, "path")

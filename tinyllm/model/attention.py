@@ -22,6 +22,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.model.config import ModelConfig
 from tinyllm.model.norms import NORMS
 from tinyllm.model.positions import apply_rope
+from tinyllm.model.registry import lookup
 
 
 class KVCache:
@@ -100,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         # qk-norm: normalise each query/key head before the dot product, which bounds the
         # attention logits and stabilises training at high learning rates (Dehghani et al.).
         if config.qk_norm:
-            norm_cls = NORMS[config.norm]
+            norm_cls = lookup(NORMS, config.norm, "norm")
             self.q_norm = norm_cls(self.head_dim, eps=config.norm_eps, bias=config.bias)
             self.k_norm = norm_cls(self.head_dim, eps=config.norm_eps, bias=config.bias)
         else:

@@ -3,15 +3,27 @@
 The config is a dataclass of primitives so it can live in a checkpoint's hyper-parameters and
 be rebuilt without the conf/ tree. The names of `norm`, `activation` and `pos` are registry
 keys (and, by the same name, files in conf/norm, conf/activation and conf/pos).
+
+This module is a leaf: it imports no part of the model. Whether a name is a known norm (or
+activation, or position) is answered where the part is built, by `registry.lookup`, and what a
+part needs of the other values (rope: an even head_dim) by the part itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tinyllm.errors import TinyLLMError
+
+
+def config_error(option: str, problem: str, fix: str) -> TinyLLMError:
+    """The error for a bad model option: which one, what is wrong, how to fix it."""
+    return TinyLLMError(
+        f"Invalid model.{option}: {problem}. {fix} (conf/model/*.yaml "
+        f"or a `model.{option}=` override)."
+    )
 
 
 @dataclass
@@ -41,7 +53,6 @@ class ModelConfig:
     init_std: float = 0.02
     z_loss: float = 0.0  # weight of the z-loss (log^2 of the softmax normaliser); 0 = off
     logit_softcap: float | None = None  # tanh soft-capping of the logits; None = off
-    extra: dict[str, Any] = field(default_factory=dict)  # forward-compatible free slot
 
     @property
     def kv_heads(self) -> int:
@@ -52,57 +63,41 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     def validate(self) -> None:
-        """Raise TinyLLMError for a bad combination, before any training time is spent."""
-        # Imported here: the registries import this module.
-        from tinyllm.model.mlp import ACTIVATIONS
-        from tinyllm.model.norms import NORMS
-        from tinyllm.model.positions import POSITIONS
-        from tinyllm.model.registry import lookup
-
-        lookup(NORMS, self.norm, "norm")
-        lookup(ACTIVATIONS, self.activation, "activation")
-        lookup(POSITIONS, self.pos, "pos")
-
-        def bad(option: str, problem: str, fix: str) -> TinyLLMError:
-            return TinyLLMError(
-                f"Invalid model.{option}: {problem}. {fix} (conf/model/*.yaml "
-                f"or a `model.{option}=` override)."
-            )
-
+        """Raise TinyLLMError for a bad combination of plain values (names are checked by
+        the builders through registry.lookup), before any training time is spent."""
         if self.attn_impl not in ("sdpa", "manual"):
-            raise bad("attn_impl", f"got {self.attn_impl!r}", "Use `sdpa` or `manual`")
+            raise config_error("attn_impl", f"got {self.attn_impl!r}", "Use `sdpa` or `manual`")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise bad(name, f"got {getattr(self, name)!r}", "Use a positive integer")
+                raise config_error(name, f"got {getattr(self, name)!r}", "Use a positive integer")
         if self.n_embd % self.n_head:
-            raise bad(
+            raise config_error(
                 "n_embd",
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}, so the heads "
                 "cannot split the embedding evenly",
                 f"Pick a multiple of n_head, e.g. {self.n_embd // self.n_head * self.n_head}",
             )
         if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
-            raise bad(
+            raise config_error(
                 "n_kv_head",
                 f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; each "
                 "key/value head must serve the same number of query heads",
                 "Use a divisor of n_head (n_kv_head=1 is multi-query, =n_head is multi-head)",
             )
-        if self.pos == "rope" and self.head_dim % 2:
-            raise bad(
-                "pos",
-                f"rope rotates pairs of features but head_dim = n_embd/n_head = "
-                f"{self.n_embd}/{self.n_head} = {self.head_dim} is odd",
-                "Choose n_embd and n_head so that n_embd/n_head is even, or another pos",
-            )
         if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", f"got {self.dropout}", "Use a value in [0, 1)")
+            raise config_error("dropout", f"got {self.dropout}", "Use a value in [0, 1)")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
-            raise bad("logit_softcap", f"got {self.logit_softcap}", "Use a positive number or null")
+            raise config_error(
+                "logit_softcap", f"got {self.logit_softcap}", "Use a positive number or null"
+            )
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
-            raise bad("mlp_hidden", f"got {self.mlp_hidden}", "Use a positive integer or null")
+            raise config_error(
+                "mlp_hidden", f"got {self.mlp_hidden}", "Use a positive integer or null"
+            )
         if self.mlp_multiple_of < 1:
-            raise bad("mlp_multiple_of", f"got {self.mlp_multiple_of}", "Use a positive integer")
+            raise config_error(
+                "mlp_multiple_of", f"got {self.mlp_multiple_of}", "Use a positive integer"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,6 +106,9 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a mapping, with a clear error for unknown keys (e.g. a typo in a YAML)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if d.get("extra") in ({}, None):  # an unused slot that older checkpoints still carry
+            d.pop("extra", None)
         unknown = sorted(set(d) - names)
         if unknown:
             raise TinyLLMError(

@@ -24,17 +24,18 @@ from tinyllm.model.config import ModelConfig
 from tinyllm.model.mlp import ACTIVATIONS
 from tinyllm.model.norms import NORMS
 from tinyllm.model.positions import POSITIONS
+from tinyllm.model.registry import lookup
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        norm_cls = NORMS[config.norm]
+        norm_cls = lookup(NORMS, config.norm, "norm")
         self.post_norm = config.post_norm
         self.ln_1 = norm_cls(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = norm_cls(config.n_embd, eps=config.norm_eps, bias=config.bias)
-        self.mlp = ACTIVATIONS[config.activation](config)
+        self.mlp = lookup(ACTIVATIONS, config.activation, "activation")(config)
 
     def forward(
         self,
@@ -61,6 +62,7 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()  # bad combinations fail here, before any training time is spent
         self.config = config
+        pos_cls = lookup(POSITIONS, config.pos, "pos")  # every bad name fails before any weight
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -68,10 +70,12 @@ class GPT(nn.Module):
                 # Post-norm blocks already end in a norm; pre-norm needs one before the head.
                 ln_f=nn.Identity()
                 if config.post_norm
-                else NORMS[config.norm](config.n_embd, eps=config.norm_eps, bias=config.bias),
+                else lookup(NORMS, config.norm, "norm")(
+                    config.n_embd, eps=config.norm_eps, bias=config.bias
+                ),
             )
         )
-        self.pos = POSITIONS[config.pos](config)
+        self.pos = pos_cls(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One matrix both embeds tokens and scores them (Press & Wolf, 2017): fewer params.
@@ -206,12 +210,3 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-
-
-def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1
-) -> torch.Tensor:
-    """Mean next-token loss over (B, T) targets; a helper for tests and notebooks."""
-    return F.cross_entropy(
-        logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=ignore_index
-    )

@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.model.config import ModelConfig
+from tinyllm.model.config import ModelConfig, config_error
 
 
 class Position(nn.Module):
     """Base class: no positional information (also the `none` choice)."""
 
-    # The longest sequence the encoding can represent; None = unbounded.
+    # The longest sequence the encoding can represent; None = unbounded (relative encodings).
+    # Decoding asks this, not the name: a bounded encoding cannot reach back past max_len.
     max_len: int | None = None
 
     def __init__(self, config: ModelConfig) -> None:
@@ -115,6 +116,13 @@ class RotaryPosition(Position):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
+        if config.head_dim % 2:
+            raise config_error(
+                "pos",
+                f"rope rotates pairs of features but head_dim = n_embd/n_head = "
+                f"{config.n_embd}/{config.n_head} = {config.head_dim} is odd",
+                "Choose n_embd and n_head so that n_embd/n_head is even, or another pos",
+            )
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
         self._build(config.block_size)

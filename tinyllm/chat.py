@@ -18,7 +18,9 @@ Two details matter for fine-tuning to work:
   as in ordinary text, and generation starts at the same token boundary as training did.
 
 The template is a dataclass of plain strings, so it lives in a checkpoint as a dict
-(`to_dict`/`from_dict`) and in a YAML (`data.template.user_prefix=...`).
+(`to_dict`/`from_dict`) and in a YAML (`data.template.user_prefix=...`). It sits at the top of
+the package, importing nothing of it but errors, so data (training examples) and sampling
+(prompts) share it without sampling depending on data.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from typing import Any, Protocol
 from tinyllm.errors import TinyLLMError
 
 ROLES = ("system", "user", "assistant")
+
+# The target id of a token the loss skips (what the mask marks untrained: prompts, padding).
+# It is F.cross_entropy's default ignore_index; the loss (module.py) and the Q&A batches
+# (data/qa.py) both take it from here, so they cannot disagree.
+IGNORE_INDEX = -100
 
 Message = dict[str, str]  # {"role": "user"|"assistant"|"system", "content": str}
 
