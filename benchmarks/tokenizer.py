@@ -31,7 +31,7 @@ from pathlib import Path
 
 import regex
 
-from tinyllm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
+from tinyllm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer, read_tiktoken
 from tinyllm.tokenizer import train as train_mod
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def bench_encode(data: Path, text: str, name: str) -> dict:
 
     ranks_path = data / "gpt2.tiktoken"
     special = {"<|endoftext|>": 50256}
-    ours = BPETokenizer.from_tiktoken(ranks_path, pattern="gpt2", special_tokens=special)
+    ours = read_tiktoken(ranks_path, pattern="gpt2", special_tokens=special)
     enc = tiktoken.Encoding(
         "gpt2-local",
         pat_str=GPT2_PATTERN,

@@ -12,7 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.tokenizer import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
+from tinyllm.tokenizer import (
+    GPT2_PATTERN,
+    GPT4_PATTERN,
+    BPETokenizer,
+    load_tokenizer,
+    read_hf,
+    read_tiktoken,
+    save_hf,
+)
 from tinyllm.tokenizer import train as train_mod
 from tinyllm.tokenizer.train import count_chunks, learn_merges
 
@@ -43,7 +51,7 @@ def gpt2(shared_data: Path) -> BPETokenizer:
     path = shared_data / "gpt2.tiktoken"
     if not path.exists():
         pytest.skip("gpt2.tiktoken not found")
-    return BPETokenizer.from_tiktoken(path, pattern="gpt2", special_tokens={"<|endoftext|>": 50256})
+    return read_tiktoken(path, pattern="gpt2", special_tokens={"<|endoftext|>": 50256})
 
 
 def _tiktoken_gpt2(shared_data: Path):
@@ -262,9 +270,9 @@ def test_bad_files(tmp_path) -> None:
     tk = tmp_path / "bad.tiktoken"
     tk.write_text("not-base64!! zero\n")
     with pytest.raises(TinyLLMError, match="line 1"):
-        BPETokenizer.from_tiktoken(tk)
+        read_tiktoken(tk)
     with pytest.raises(TinyLLMError, match="cannot read"):
-        BPETokenizer.from_tiktoken(tmp_path / "missing.tiktoken")
+        read_tiktoken(tmp_path / "missing.tiktoken")
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -356,7 +364,7 @@ def test_hf_export_parity(tok: BPETokenizer, tok_gpt2: BPETokenizer, tmp_path) -
     texts = [CORPUS[:2000], "  multiple   spaces\n\n\nnewlines\t\ttabs ", "😀👩‍👧 e\u0301 ß日本"]
     for t in (tok, tok_gpt2):
         path = tmp_path / "tokenizer.json"
-        t.save_hf(path)
+        save_hf(t, path)
         hf = tokenizers.Tokenizer.from_file(str(path))
         for text in texts:
             assert hf.encode(text).ids == t.encode(text)
@@ -364,7 +372,7 @@ def test_hf_export_parity(tok: BPETokenizer, tok_gpt2: BPETokenizer, tmp_path) -
         # HF always splits on added (special) tokens: that is our allowed_special="all"
         s = "<|bos|>hi<|eos|>"
         assert hf.encode(s).ids == t.encode(s, allowed_special="all")
-        assert BPETokenizer.from_hf(path) == t
+        assert read_hf(path) == t
 
 
 def test_hf_gpt2_style_bytelevel_import(tok_gpt2: BPETokenizer, tmp_path) -> None:
@@ -382,22 +390,22 @@ def test_hf_gpt2_style_bytelevel_import(tok_gpt2: BPETokenizer, tmp_path) -> Non
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(d), encoding="utf-8")
     hf = tokenizers.Tokenizer.from_file(str(path))
-    imported = BPETokenizer.from_hf(path)
+    imported = read_hf(path)
     assert imported.pattern == GPT2_PATTERN
     assert hf.encode(CORPUS[:3000]).ids == imported.encode(CORPUS[:3000])
     with pytest.raises(TinyLLMError, match="not valid JSON"):
         (tmp_path / "bad.json").write_text("[")
-        BPETokenizer.from_hf(tmp_path / "bad.json")
+        read_hf(tmp_path / "bad.json")
 
 
 def test_gpt2_hf_roundtrip(gpt2: BPETokenizer, tmp_path) -> None:
     tokenizers = pytest.importorskip("tokenizers")
     path = tmp_path / "tokenizer.json"
-    gpt2.save_hf(path)
+    save_hf(gpt2, path)
     hf = tokenizers.Tokenizer.from_file(str(path))
     text = CORPUS[:5000]
     assert hf.encode(text).ids == gpt2.encode(text)
-    back = BPETokenizer.from_hf(path)
+    back = read_hf(path)
     assert back.encode(text) == gpt2.encode(text) and back.vocab_size == 50257
 
 
@@ -443,8 +451,36 @@ def test_hf_file_converted_by_transformers(gpt2: BPETokenizer, shared_data: Path
     ).converted()
     path = tmp_path / "tokenizer.json"
     conv.save(str(path))
-    imported = BPETokenizer.from_hf(path)
+    imported = read_hf(path)
     assert imported.vocab_size == 50257 and imported.eos_id == 50256
     text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
     text += " naïve 日本語 😀 e\u0301  \n\n\t x 1234567"
     assert imported.encode(text) == gpt2.encode(text) == conv.encode(text).ids
+
+
+def test_load_tokenizer_reads_every_format_by_its_content(tok_gpt2: BPETokenizer, tmp_path) -> None:
+    """One loader: tinyllm JSON, Hugging Face tokenizer.json (file or folder), .tiktoken."""
+    import base64
+
+    native, hf_dir = tmp_path / "tok.json", tmp_path / "hf"
+    hf_dir.mkdir()
+    tok_gpt2.save(native)
+    save_hf(tok_gpt2, hf_dir / "tokenizer.json")
+    assert load_tokenizer(native) == tok_gpt2
+    assert load_tokenizer(hf_dir) == load_tokenizer(hf_dir / "tokenizer.json") == tok_gpt2
+    # a ranks file of the same merges: ids are ranks, so byte b -> b and merge i -> 256 + i
+    ranks = tmp_path / "t.tiktoken"
+    lines = [f"{base64.b64encode(tok_gpt2.token_bytes(i)).decode()} {i}" for i in range(450)]
+    ranks.write_text("\n".join(lines) + "\n")
+    ours = load_tokenizer(ranks)
+    assert ours.special_tokens == {"<|endoftext|>": 450}  # GPT-2's convention by default
+    assert ours.encode(CORPUS[:500]) == tok_gpt2.encode(CORPUS[:500])
+    assert load_tokenizer(ranks, special_tokens={}).vocab_size == 450
+    # the core reads only its own format, and says which function reads the others
+    with pytest.raises(TinyLLMError, match="load_tokenizer"):
+        BPETokenizer.load(hf_dir / "tokenizer.json")
+    (tmp_path / "x.json").write_text("[")
+    with pytest.raises(TinyLLMError, match="not valid JSON.*tiktoken"):
+        load_tokenizer(tmp_path / "x.json")
+    with pytest.raises(TinyLLMError, match="cannot read"):
+        load_tokenizer(tmp_path / "missing.tiktoken")

@@ -28,6 +28,7 @@ import torch
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
 from tinyllm.model import GPT, ModelConfig
+from tinyllm.tokenizer.hf import save_hf
 
 # What each family requires: option -> (required value, how to say it).
 _LLAMA = {"pos": "rope", "norm": "rmsnorm", "activation": "swiglu"}
@@ -222,7 +223,7 @@ def export_hf(
     _write_json(out / "config.json", cfg)
     _write_json(out / "generation_config.json", {k: v for k, v in special.items() if v is not None})
     if tokenizer is not None:
-        tokenizer.save_hf(out / "tokenizer.json")
+        save_hf(tokenizer, out / "tokenizer.json")
         id_to_tok = {i: s for s, i in tokenizer.special_tokens.items()}
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",

@@ -192,9 +192,9 @@ def _build_qa_data(cfg: DictConfig, data_cfg: dict, block_size: int):
 
         tokenizer = tokenizer_from_checkpoint(read_checkpoint(cfg.init_from), cfg.init_from)
     elif cfg.tokenizer.path:
-        from tinyllm.tokenizer import BPETokenizer
+        from tinyllm.tokenizer import load_tokenizer
 
-        tokenizer = BPETokenizer.load(cfg.tokenizer.path)
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
     dm = QADataModule.from_config(
         data_cfg,
         tokenizer=tokenizer,

@@ -301,7 +301,7 @@ def _run_tasks(
 
 
 def _load_tokenizer(path: str, tokenizer_cfg: Mapping[str, Any]) -> Any:
-    from tinyllm.tokenizer import BPETokenizer
+    from tinyllm.tokenizer import load_tokenizer
 
     p = Path(os.path.expanduser(path))
     if not p.is_file():
@@ -309,15 +309,8 @@ def _load_tokenizer(path: str, tokenizer_cfg: Mapping[str, Any]) -> Any:
             f"tokenizer.path={path} is not a file. Point it at a tokenizer.json written by "
             "tinyllm (or a .tiktoken ranks file), or leave it null to train a tokenizer."
         )
-    if p.suffix == ".tiktoken":
-        specials = _plain(_get(tokenizer_cfg, "special_tokens")) or None
-        if specials is None:  # GPT-2 convention: <|endoftext|> right after the ranks
-            n = sum(1 for line in p.open("rb") if line.strip())
-            specials = {"<|endoftext|>": n}
-        return BPETokenizer.from_tiktoken(
-            p, pattern=_get(tokenizer_cfg, "pattern", "gpt2"), special_tokens=specials
-        )
-    return BPETokenizer.load(p)
+    specials = _plain(_get(tokenizer_cfg, "special_tokens")) or None
+    return load_tokenizer(p, pattern=_get(tokenizer_cfg, "pattern", "gpt2"), special_tokens=specials)
 
 
 def _train_tokenizer(

@@ -401,7 +401,8 @@ class BPETokenizer:
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise TinyLLMError(
                 f'{source} is not a tinyllm tokenizer (expected "format": "{FORMAT_NAME}"); '
-                "for Hugging Face tokenizer.json use BPETokenizer.from_hf."
+                "for any tokenizer file (tinyllm, Hugging Face tokenizer.json, .tiktoken) use "
+                "tinyllm.tokenizer.load_tokenizer(path)."
             )
         if d.get("version") != FORMAT_VERSION:
             raise TinyLLMError(
@@ -449,10 +450,6 @@ class BPETokenizer:
                 f"tokenizer file {str(path)!r} is not valid JSON ({e}); re-create it with "
                 "BPETokenizer.save or python -m tinyllm.prepare."
             ) from None
-        if isinstance(d, dict) and "model" in d and "format" not in d:
-            from tinyllm.tokenizer.hf import from_hf_dict
-
-            return from_hf_dict(cls, d, source=f"tokenizer file {str(path)!r}")
         return cls.from_dict(d, source=f"tokenizer file {str(path)!r}")
 
     def sha256(self) -> str:
@@ -470,37 +467,6 @@ class BPETokenizer:
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(BPETokenizer.from_dict(d).__dict__)
-
-    # ---------------------------------------------------------------- interop
-    @classmethod
-    def from_tiktoken(
-        cls,
-        path: str | os.PathLike,
-        pattern: str = "gpt2",
-        special_tokens: dict[str, int] | None = None,
-        roles: dict[str, str | None] | None = None,
-    ) -> BPETokenizer:
-        """Import a tiktoken ranks file (`base64(token) rank` per line), e.g. gpt2.tiktoken."""
-        from tinyllm.tokenizer.tiktoken_io import ranks_to_merges, read_tiktoken_ranks
-
-        ranks = read_tiktoken_ranks(path)
-        byte_ids, merges = ranks_to_merges(ranks, source=f"tiktoken file {str(path)!r}")
-        return cls(
-            merges, pattern=pattern, special_tokens=special_tokens, byte_ids=byte_ids, roles=roles
-        )
-
-    @classmethod
-    def from_hf(cls, path: str | os.PathLike) -> BPETokenizer:
-        """Import a Hugging Face byte-level BPE tokenizer.json (e.g. GPT-2's)."""
-        from tinyllm.tokenizer.hf import read_hf
-
-        return read_hf(cls, path)
-
-    def save_hf(self, path: str | os.PathLike) -> None:
-        """Write a tokenizer.json that the `tokenizers` library loads and encodes identically."""
-        from tinyllm.tokenizer.hf import to_hf_dict
-
-        _atomic_write(Path(path), json.dumps(to_hf_dict(self), ensure_ascii=False, indent=1))
 
 
 def _num_cores() -> int:

@@ -12,13 +12,11 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.tokenizer.bpe import BPETokenizer, _atomic_write
 from tinyllm.tokenizer.patterns import GPT2_PATTERN
-
-if TYPE_CHECKING:
-    from tinyllm.tokenizer.bpe import BPETokenizer
 
 
 @lru_cache(maxsize=1)
@@ -136,7 +134,8 @@ def _find_pattern(pre: dict[str, Any] | None, source: str) -> str:
     return pattern
 
 
-def from_hf_dict(cls: type[BPETokenizer], d: dict[str, Any], source: str) -> BPETokenizer:
+def from_hf_dict(d: dict[str, Any], source: str) -> BPETokenizer:
+    """A BPETokenizer from a parsed Hugging Face tokenizer.json."""
     try:
         model = d["model"]
         if model.get("type") != "BPE":
@@ -170,10 +169,11 @@ def from_hf_dict(cls: type[BPETokenizer], d: dict[str, Any], source: str) -> BPE
         if isinstance(e, TinyLLMError):
             raise
         raise TinyLLMError(f"{source} is malformed ({type(e).__name__}: {e}).") from None
-    return cls(merges, pattern=pattern, special_tokens=specials, byte_ids=byte_ids)
+    return BPETokenizer(merges, pattern=pattern, special_tokens=specials, byte_ids=byte_ids)
 
 
-def read_hf(cls: type[BPETokenizer], path: str | os.PathLike) -> BPETokenizer:
+def read_hf(path: str | os.PathLike) -> BPETokenizer:
+    """Import a Hugging Face byte-level BPE tokenizer.json (or a folder holding one)."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -186,4 +186,9 @@ def read_hf(cls: type[BPETokenizer], path: str | os.PathLike) -> BPETokenizer:
         raise TinyLLMError(f"{source} is not valid JSON ({e}).") from None
     if not isinstance(d, dict):
         raise TinyLLMError(f"{source} is not a tokenizer.json object.")
-    return from_hf_dict(cls, d, source)
+    return from_hf_dict(d, source)
+
+
+def save_hf(tok: BPETokenizer, path: str | os.PathLike) -> None:
+    """Write a tokenizer.json that the `tokenizers` library loads and encodes identically."""
+    _atomic_write(Path(path), json.dumps(to_hf_dict(tok), ensure_ascii=False, indent=1))

@@ -13,6 +13,7 @@ import binascii
 import os
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.tokenizer.bpe import BPETokenizer
 
 
 def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
@@ -73,3 +74,20 @@ def ranks_to_merges(
             )
         merges.append((ranks[parts[0]], ranks[parts[1]], rank))
     return byte_ids, merges
+
+
+def read_tiktoken(
+    path: str | os.PathLike,
+    pattern: str = "gpt2",
+    special_tokens: dict[str, int] | None = None,
+    roles: dict[str, str | None] | None = None,
+) -> BPETokenizer:
+    """Import a tiktoken ranks file (`base64(token) rank` per line), e.g. gpt2.tiktoken.
+
+    The file holds no split pattern and no special tokens: give them (GPT-2's are the
+    "gpt2" pattern and {"<|endoftext|>": 50256})."""
+    ranks = read_tiktoken_ranks(path)
+    byte_ids, merges = ranks_to_merges(ranks, source=f"tiktoken file {str(path)!r}")
+    return BPETokenizer(
+        merges, pattern=pattern, special_tokens=special_tokens, byte_ids=byte_ids, roles=roles
+    )
