@@ -38,3 +38,22 @@ def test_lookup_lists_valid_names() -> None:
     with pytest.raises(TinyLLMError, match="layernorm, rmsnorm") as e:
         lookup(NORMS, "groupnorm", "norm")
     assert "conf/norm/" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kw, option",
+    [
+        (dict(norm="groupnorm"), "norm"),
+        (dict(norm="groupnorm", qk_norm=True), "norm"),
+        (dict(activation="tanh"), "activation"),
+    ],
+)
+def test_builders_list_valid_names_without_validate(kw: dict, option: str) -> None:
+    """A part built directly (no GPT, no validate()) still fails with the listing error."""
+    from tinyllm.model.attention import CausalSelfAttention
+    from tinyllm.model.gpt import Block
+
+    cfg = ModelConfig(n_embd=32, n_head=2, **kw)
+    build = CausalSelfAttention if kw.get("qk_norm") else Block
+    with pytest.raises(TinyLLMError, match=f"Unknown model.{option} .*Valid choices"):
+        build(cfg, 0)
