@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -206,18 +207,17 @@ class SamplingConfig:
             raise TinyLLMError(f"Unknown sampling option(s) {unknown}. Valid options: {names}.")
         return dataclasses.replace(sampling or cls(), **options).validate()
 
-    def next_token(self, logits: Tensor, seq: Tensor, generator: torch.Generator | None) -> Tensor:
-        """The next token of each row [B] from logits [B, V], given the sequence so far."""
-        prev = seq if self.repetition_penalty != 1.0 else None
-        return sample_next(
-            logits,
-            generator,
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            self.min_p,
-            self.repetition_penalty,
-            prev_ids=prev,
+    def sampler(self, generator: torch.Generator | None) -> Callable[..., Tensor]:
+        """sample_next with these settings bound: `(logits [B, V], prev_ids=) -> [B]`.
+        Bound once per decode, so a step pays one call and no settings lookups."""
+        return functools.partial(
+            sample_next,
+            generator=generator,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
         )
 
 
@@ -340,9 +340,11 @@ def iter_generate_ids(
     was_training = model.training
     model.eval()  # no dropout while sampling (the training loop calls this mid-training)
     try:
+        sample = s.sampler(generator)
+        penalise = s.repetition_penalty != 1.0
         logits = window.prefill(seq, n)
         for step in range(s.max_new_tokens):
-            nxt = s.next_token(logits, seq[:, :n], generator)  # [B]
+            nxt = sample(logits, prev_ids=seq[:, :n] if penalise else None)  # [B]
             if check_done:
                 nxt = torch.where(finished, fill, nxt)  # finished rows repeat the filler
             seq[:, n] = nxt

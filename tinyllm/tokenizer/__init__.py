@@ -8,8 +8,8 @@ import bpe.py, never the reverse), files.py (`load_tokenizer`: any file, by its 
 from __future__ import annotations
 
 from tinyllm.tokenizer.bpe import DEFAULT_SPECIALS, BPETokenizer
-from tinyllm.tokenizer.files import load_tokenizer
-from tinyllm.tokenizer.hf import read_hf, save_hf
+from tinyllm.tokenizer.files import load_tokenizer, read_hf
+from tinyllm.tokenizer.hf import save_hf
 from tinyllm.tokenizer.patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 from tinyllm.tokenizer.tiktoken_io import read_tiktoken
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from tinyllm.errors import TinyLLMError
 from tinyllm.tokenizer.bpe import BPETokenizer
@@ -41,9 +42,28 @@ def load_tokenizer(
             n = _count_ranks(path)
             special_tokens = {"<|endoftext|>": n}
         return read_tiktoken(path, pattern=pattern or "gpt2", special_tokens=special_tokens)
-    source = f"tokenizer file {str(path)!r}"
+    d, source = _read_json(path, "tokenizer file")
+    if isinstance(d, dict) and "model" in d and "format" not in d:
+        return from_hf_dict(d, source=f"Hugging Face {source}")
+    return BPETokenizer.from_dict(d, source=source)
+
+
+def read_hf(path: str | os.PathLike) -> BPETokenizer:
+    """Import a Hugging Face byte-level BPE tokenizer.json (or a folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    d, source = _read_json(path, "Hugging Face tokenizer file")
+    if not isinstance(d, dict):
+        raise TinyLLMError(f"{source} is not a tokenizer.json object.")
+    return from_hf_dict(d, source)
+
+
+def _read_json(path: Path, what: str) -> tuple[Any, str]:
+    """(parsed JSON, "<what> '<path>'" for messages), or a TinyLLMError saying what failed."""
+    source = f"{what} {str(path)!r}"
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")), source
     except OSError as e:
         raise TinyLLMError(f"cannot read {source} ({e.strerror}).") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -52,9 +72,6 @@ def load_tokenizer(
             "(BPETokenizer.save, python -m tinyllm.prepare), a Hugging Face tokenizer.json, or "
             "a .tiktoken ranks file (named *.tiktoken)."
         ) from None
-    if isinstance(d, dict) and "model" in d and "format" not in d:
-        return from_hf_dict(d, source=f"Hugging Face {source}")
-    return BPETokenizer.from_dict(d, source=source)
 
 
 def _count_ranks(path: Path) -> int:

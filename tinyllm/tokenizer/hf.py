@@ -172,23 +172,6 @@ def from_hf_dict(d: dict[str, Any], source: str) -> BPETokenizer:
     return BPETokenizer(merges, pattern=pattern, special_tokens=specials, byte_ids=byte_ids)
 
 
-def read_hf(path: str | os.PathLike) -> BPETokenizer:
-    """Import a Hugging Face byte-level BPE tokenizer.json (or a folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    source = f"Hugging Face tokenizer file {str(path)!r}"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TinyLLMError(f"cannot read {source} ({e.strerror}).") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TinyLLMError(f"{source} is not valid JSON ({e}).") from None
-    if not isinstance(d, dict):
-        raise TinyLLMError(f"{source} is not a tokenizer.json object.")
-    return from_hf_dict(d, source)
-
-
 def save_hf(tok: BPETokenizer, path: str | os.PathLike) -> None:
     """Write a tokenizer.json that the `tokenizers` library loads and encodes identically."""
     _atomic_write(Path(path), json.dumps(to_hf_dict(tok), ensure_ascii=False, indent=1))
