@@ -267,3 +267,58 @@ def test_bad_arguments() -> None:
     with pytest.raises(TinyLLMError, match="empty"):
         generate_ids(model, torch.tensor([], dtype=torch.long), 3)
     assert generate_ids(model, torch.tensor([1]), 0) == [[]]
+
+
+# ---- one loop, one settings object ---------------------------------------------------------
+
+
+def test_settings_object_equals_keywords_and_rejects_unknown_options() -> None:
+    from tinyllm.sampling import SamplingConfig
+
+    model = ToyLM(vocab=50)
+    s = SamplingConfig(temperature=1.5, top_k=20, top_p=0.9, max_new_tokens=7)
+
+    def run(**kw) -> list[list[int]]:
+        return generate_ids(model, torch.tensor([1, 2]), generator=torch.manual_seed(3), **kw)
+
+    by_object = run(sampling=s)
+    assert by_object == run(temperature=1.5, top_k=20, top_p=0.9, max_new_tokens=7)
+    assert len(by_object[0]) == 7
+    assert run(sampling=s, max_new_tokens=3) == [by_object[0][:3]]  # a keyword overrides
+    with pytest.raises(TinyLLMError, match=r"top_kk.*Valid options"):
+        run(top_kk=5)
+    with pytest.raises(TinyLLMError, match="max_new_tokens=-1"):
+        SamplingConfig(max_new_tokens=-1).validate()
+
+
+def test_cropped_prompt_warning_asks_the_position_object() -> None:
+    """Whether a cropped prompt 'cannot reach further back' comes from the position encoding
+    (a bounded max_len), not from a list of names."""
+    from tinyllm.model import GPT, ModelConfig
+
+    for pos, words in [("learned", "cannot reach further back"), ("rope", "sliding window")]:
+        model = GPT(
+            ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16, pos=pos)
+        )
+        with pytest.warns(UserWarning, match=words):
+            generate_ids(model, torch.arange(12) % 32, 2, temperature=0)
+
+
+def test_exact_match_decodes_through_the_one_loop(monkeypatch) -> None:
+    """The Q&A evaluation's greedy answer is the loop's temperature-0 output, eos included."""
+    import tinyllm.sampling as sampling
+
+    model = ToyLM()
+    want = generate_ids(model, torch.tensor([1, 2]), 6, temperature=0)[0]
+    eos = want[3]
+    calls = []
+    loop = sampling.iter_generate_ids
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return loop(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "iter_generate_ids", spy)
+    got = sampling.greedy_answer_ids(model, [1, 2], 6, eos_id=eos)
+    assert got == want[: want.index(eos) + 1]
+    assert calls and calls[0]["temperature"] == 0.0 and calls[0]["eos_id"] == eos
