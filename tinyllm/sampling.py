@@ -9,11 +9,13 @@ That order matters: the penalty works on raw logits (as in CTRL), temperature re
 distribution, and the three filters then cut its tail, each on the already-tempered
 distribution (as transformers does). Temperature 0 means greedy: take the argmax.
 
-Then the loop, `iter_generate_ids` / `generate_ids`: prefill the KV cache with the prompt in one
-forward pass, then feed one token per step so each step costs O(context) instead of recomputing
-the whole sequence (the `use_cache=False` path does that recomputation, for comparison and
-tests). When the context is full the window slides: the cache is refilled with the last part of
-the sequence and decoding goes on.
+Then THE loop, `iter_generate_ids`, driven by one settings value (`SamplingConfig`): prefill
+the KV cache with the prompt in one forward pass, then feed one token per step so each step
+costs O(context) instead of recomputing the whole sequence (the `use_cache=False` path does
+that recomputation, for comparison and tests). When the context is full the window slides:
+the cache is refilled with the last part of the sequence and decoding goes on. Everything else
+wraps that loop: `generate_ids` (a batch of id rows), `generate_stream` / `generate` (text),
+`greedy_answer_ids` (the Q&A exact match).
 """
 
 from __future__ import annotations
@@ -293,6 +295,15 @@ class _Window:
         return self.model(seq[:, n - 1 : n], kv_cache=self.cache)[:, -1, :]
 
 
+def _as_batch(idx: Tensor) -> Tensor:
+    """A prompt as [B, T] ([T] -> [1, T]), refusing an empty one."""
+    if idx.dim() == 1:
+        idx = idx.unsqueeze(0)  # [T] -> [1, T]
+    if idx.size(1) == 0:
+        raise TinyLLMError("The prompt is empty: start from at least one token (e.g. BOS).")
+    return idx
+
+
 @torch.inference_mode()  # as a decorator it also covers a generator, step by step
 def iter_generate_ids(
     model: nn.Module,
@@ -316,11 +327,8 @@ def iter_generate_ids(
     [B] (True = finish that row) or a plain True (finish all), e.g. when a stop *string* appears.
     """
     s = SamplingConfig.of(sampling, max_new_tokens, **options)
-    if idx.dim() == 1:
-        idx = idx.unsqueeze(0)  # [T] -> [1, T]
+    idx = _as_batch(idx)
     B, T0 = idx.shape
-    if T0 == 0:
-        raise TinyLLMError("The prompt is empty: start from at least one token (e.g. BOS).")
     if s.max_new_tokens == 0:
         return
     device = next(model.parameters()).device
@@ -387,8 +395,7 @@ def generate_ids(
     `on_token(tokens [B])` is called after every step; it may return True (stop all rows) or a
     bool sequence [B] (stop those rows), which is how callers stop at stop *strings*.
     """
-    if idx.dim() == 1:
-        idx = idx.unsqueeze(0)  # [T] -> [1, T]
+    idx = _as_batch(idx)
     if num_samples < 1:
         raise TinyLLMError(f"num_samples={num_samples}: use a whole number >= 1.")
     if num_samples > 1:
