@@ -21,8 +21,6 @@ trainer can report `exact_match` of greedy answers on held-out questions.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,7 +33,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tinyllm.data.chat import ROLES, ChatTemplate, Message, TokenizerLike, as_messages
+from tinyllm.data.protocol import DataSettings
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import sha256_file
 
 if TYPE_CHECKING:
     from tinyllm.tokenizer import BPETokenizer
@@ -366,11 +366,11 @@ def train_qa_tokenizer(
 ) -> BPETokenizer:
     """Train a BPE tokenizer (with the default <|bos|>/<|eos|>/<|pad|> specials) on the
     rendered conversations, for training on Q&A data from scratch."""
-    from tinyllm.tokenizer import BPETokenizer
+    from tinyllm.data.prepare import train_tokenizer
 
     tmpl = ChatTemplate.coerce(template)
     texts = [tmpl.render_text(r) for r in records]
-    return BPETokenizer.train(texts, vocab_size, pattern=pattern)
+    return train_tokenizer(texts, {"vocab_size": vocab_size, "pattern": pattern})
 
 
 # ---------------------------------------------------------------------------- datamodule
@@ -438,14 +438,7 @@ class QADataModule(L.LightningDataModule):
                 f"block_size={self.block_size} tokens. Fix: raise `model.block_size` or "
                 "shorten the questions."
             )
-        for split, st in (("train", train_stats), ("val", val_stats)):
-            if st["truncated"] or st["dropped"]:
-                rank_zero_warn(
-                    f"Q&A {split} split of {str(self.path)!r}: {st['truncated']} example(s) "
-                    f"longer than block_size+1={self.block_size + 1} tokens were cut (their "
-                    f"answers lose their end), {st['dropped']} dropped (no answer token left). "
-                    "Raise `model.block_size` to keep them whole."
-                )
+        self._warn_cut({"train": train_stats, "val": val_stats})
         self.stats = {"train": train_stats, "val": val_stats}
         self.train_dataset = QADataset(train_ex, self.block_size, self.pad_id, self.pack)
         self.val_dataset = QADataset(val_ex, self.block_size, self.pad_id, self.pack)
@@ -455,40 +448,49 @@ class QADataModule(L.LightningDataModule):
     @classmethod
     def from_config(
         cls,
-        cfg: Mapping[str, Any],
-        tokenizer: BPETokenizer | None,
-        block_size: int,
-        batch_size: int,
-        tokenizer_cfg: Mapping[str, Any] | None = None,
-        **overrides: Any,
+        settings: DataSettings,
+        path: str | None = None,
+        val_fraction: float = 0.1,
+        val_count: int | None = None,
+        pack: bool = False,
+        num_workers: int = 0,
+        template: Mapping[str, Any] | str | None = None,
+        name: str = "qa",
+        source: str = "qa",
     ) -> QADataModule:
-        """Build from the `data` config group (conf/data/qa.yaml); `name`/`source` ignored.
-
-        `tokenizer_cfg` (the `tokenizer` group: vocab_size, pattern) is used only when
-        `tokenizer` is None, to train one on the Q&A file.
-        """
-        skip = {"name", "source", "_target_"}
-        kwargs = {k: v for k, v in dict(cfg).items() if k not in skip}
-        if tokenizer is None and tokenizer_cfg:
-            kwargs.setdefault("vocab_size", tokenizer_cfg.get("vocab_size"))
-            kwargs.setdefault("tokenizer_pattern", tokenizer_cfg.get("pattern") or "gpt4")
-        if kwargs.get("path") in (None, "", "???"):
+        """The builder of conf/data/qa.yaml (its options are this signature's; `name` and
+        `source` only label the data). The tokenizer: the checkpoint's when fine-tuning
+        (`init_from`), else `tokenizer.path`, else one trained on the file (`tokenizer.*`)."""
+        if path in (None, "", "???"):
             raise TinyLLMError(
                 "data=qa needs the Q&A file: add `data.path=FILE` (a JSON array or JSON Lines "
                 f"of records like {_EXAMPLE})."
             )
-        if isinstance(kwargs.get("template"), Mapping):
-            kwargs["template"] = dict(kwargs["template"])
-        kwargs.update(overrides)
-        valid = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise TinyLLMError(
-                f"Unknown Q&A data option(s) {unknown}. Valid options are: {sorted(valid)}. "
-                "Fix conf/data/qa.yaml or the `data.<name>=` override."
-            )
-        kwargs.update(block_size=block_size, batch_size=batch_size)
-        return cls(tokenizer=tokenizer, **kwargs)
+        tok_cfg = settings.tokenizer
+        return cls(
+            path,
+            tokenizer=_given_tokenizer(settings),
+            block_size=settings.block_size,
+            batch_size=settings.batch_size,
+            val_fraction=val_fraction,
+            val_count=val_count,
+            seed=settings.seed,
+            pack=pack,
+            template=dict(template) if isinstance(template, Mapping) else template,
+            num_workers=num_workers,
+            vocab_size=tok_cfg.get("vocab_size"),
+            tokenizer_pattern=tok_cfg.get("pattern") or "gpt4",
+        )
+
+    def _warn_cut(self, stats: dict[str, dict[str, int]]) -> None:
+        for split, st in stats.items():
+            if st["truncated"] or st["dropped"]:
+                rank_zero_warn(
+                    f"Q&A {split} split of {str(self.path)!r}: {st['truncated']} example(s) "
+                    f"longer than block_size+1={self.block_size + 1} tokens were cut (their "
+                    f"answers lose their end), {st['dropped']} dropped (no answer token left). "
+                    "Raise `model.block_size` to keep them whole."
+                )
 
     def _meta(self, train_ex: Any, val_ex: Any) -> dict[str, Any]:
         def split_meta(examples: Any, n_records: int) -> dict[str, int]:
@@ -499,13 +501,13 @@ class QADataModule(L.LightningDataModule):
             n_bytes = len(self.tokenizer.decode(plain).encode("utf-8")) if plain else 0
             return {"tokens": len(targets), "bytes": n_bytes, "documents": n_records}
 
-        sha = getattr(self.tokenizer, "sha256", None)
+        from tinyllm.data.prepare import tokenizer_meta
+
         return {
+            **tokenizer_meta(self.tokenizer),
             "format": "qa",
             "path": str(self.path),
-            "source": {"path": str(self.path), "sha256": _file_sha256(self.path)},
-            "vocab_size": int(self.tokenizer.vocab_size),
-            "tokenizer_sha256": sha() if callable(sha) else None,
+            "source": {"path": str(self.path), "sha256": sha256_file(self.path)},
             "chat_template": self.template.to_dict(),
             "block_size": self.block_size,
             "pack": self.pack,
@@ -521,8 +523,15 @@ class QADataModule(L.LightningDataModule):
         """The template the examples were encoded with (store `.to_dict()` in checkpoints)."""
         return self.template
 
-    def check_compatible(self, vocab_size: int, block_size: int) -> None:
+    def callbacks(self) -> list[L.Callback]:
+        """Exact match of greedy answers to the held-out questions, at each validation."""
+        if not self.val_records:
+            return []
+        return [ExactMatchCallback(self.val_records, self.tokenizer, self.chat_template)]
+
+    def check_compatible(self, model_config: Mapping[str, Any]) -> None:
         """Raise when the model cannot take these batches (ids >= vocab, windows too long)."""
+        vocab_size, block_size = model_config["vocab_size"], model_config["block_size"]
         if self.max_token_id >= vocab_size:
             raise TinyLLMError(
                 f"The Q&A data uses token id {self.max_token_id} but the model's vocab_size is "
@@ -573,6 +582,20 @@ class QADataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, sampler)
 
 
+def _given_tokenizer(settings: DataSettings) -> BPETokenizer | None:
+    """The checkpoint's tokenizer (fine-tuning), or tokenizer.path's; None: train one."""
+    if settings.init_from:
+        from tinyllm.checkpoint import read_checkpoint, tokenizer_from_checkpoint
+
+        ckpt = read_checkpoint(settings.init_from)
+        return tokenizer_from_checkpoint(ckpt, settings.init_from)
+    if settings.tokenizer.get("path"):
+        from tinyllm.data.prepare import open_tokenizer
+
+        return open_tokenizer(str(settings.tokenizer["path"]), settings.tokenizer)
+    return None
+
+
 class _Shard(Sampler[int]):
     """Indices rank, rank + world, ... of n: a disjoint shard per rank, without padding."""
 
@@ -584,14 +607,6 @@ class _Shard(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- evaluation
