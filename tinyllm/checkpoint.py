@@ -14,15 +14,14 @@ from typing import Any
 import torch
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.io import COMPILE_PREFIX, torch_save_atomic, unwrap_compiled
+from tinyllm.io import strip_compile_prefix, torch_save_atomic, unwrap_compiled
 
 CKPT_FORMAT_VERSION = 1
 _PREFIX = "model."
 
 
 def _clean_key(key: str) -> str:
-    """`model._orig_mod.blocks.0...` -> `blocks.0...` (compile wrappers never reach the file)."""
-    key = key.replace(COMPILE_PREFIX, "")
+    """`model.blocks.0...` -> `blocks.0...` (the LitGPT attribute the GPT sits in)."""
     return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
 
 
@@ -76,7 +75,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>
         raise TinyLLMError(
             f"Checkpoint '{path}' holds a model config this version cannot build: {e}"
         ) from None
-    state = {_clean_key(k): v for k, v in ckpt["state_dict"].items()}
+    # (older files written from a compiled model may still carry `_orig_mod.`)
+    state = strip_compile_prefix(dict(ckpt["state_dict"]))
+    state = {_clean_key(k): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise TinyLLMError(
