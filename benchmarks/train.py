@@ -7,7 +7,7 @@ drift in the machine's speed hits all of them:
   forward, backward, clip, AdamW step (its default multi-tensor `foreach` kernel, since
   nanoGPT asks for the fused one on CUDA only), with the process's default C allocator.
 - plain_tuned: the same loop given tinyllm's runtime choices (fused AdamW, the tuned glibc
-  allocator of tinyllm/runtime.py). tinyllm / plain_tuned is what Lightning's loop and
+  allocator of tinyllm/perf.py). tinyllm / plain_tuned is what Lightning's loop and
   tinyllm's callbacks still cost.
 - tinyllm: the real entry point (`python -m tinyllm.train`), whose metrics.json reports
   train/tokens_per_s over training time only (validation excluded).
@@ -168,7 +168,7 @@ def plain_run(data_dir: Path, steps: int, warmup: int, precision: str, tuned: bo
 def plain_worker(args: argparse.Namespace) -> None:
     allocator = "default"
     if args.tuned:
-        from tinyllm.runtime import allocator_status, tune_cpu_allocator
+        from tinyllm.perf import allocator_status, tune_cpu_allocator
 
         tune_cpu_allocator()
         allocator = allocator_status()

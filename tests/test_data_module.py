@@ -138,15 +138,15 @@ def test_val_windows_identical_across_world_sizes(data_dir: Path) -> None:
 
 def test_check_compatible_and_small_splits(data_dir: Path) -> None:
     dm = TokenBinDataModule(data_dir, T, B)
-    dm.check_compatible(300, T)
-    dm.check_compatible(320, 2 * T)  # a padded vocab / longer context is fine
+    dm.check_compatible({"vocab_size": 300, "block_size": T})
+    dm.check_compatible({"vocab_size": 320, "block_size": 2 * T})  # a padded vocab, longer context
     with pytest.raises(TinyLLMError, match="model.vocab_size=256 is smaller"):
-        dm.check_compatible(256, T)
+        dm.check_compatible({"vocab_size": 256, "block_size": T})
     with pytest.raises(TinyLLMError, match="exceeds the model's block_size=8"):
-        dm.check_compatible(300, 8)
+        dm.check_compatible({"vocab_size": 300, "block_size": 8})
     huge = TokenBinDataModule(data_dir, 100_000, B)
     with pytest.raises(TinyLLMError, match="fewer than one window"):
-        huge.check_compatible(300, 100_000)
+        huge.check_compatible({"vocab_size": 300, "block_size": 100_000})
     with pytest.raises(TinyLLMError, match="fewer than one window"):
         huge.train_dataset()
     with pytest.raises(TinyLLMError, match="validation split .* fewer than one"):

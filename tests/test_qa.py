@@ -4,12 +4,14 @@ model that learns to answer its training questions and stop."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from tinyllm.chat import ChatTemplate
+from tinyllm.data.protocol import DataSettings, TrainingData
 from tinyllm.data.qa import (
     IGNORE_INDEX,
     ExactMatchCallback,
@@ -293,9 +295,10 @@ def test_val_split_deterministic_and_disjoint(tmp_path: Path, tok: BPETokenizer)
     # under DDP each rank validates a disjoint shard, together every example once
     shards = [list(_Shard(len(dm.val_dataset), r, 3)) for r in range(3)]
     assert sorted(i for sh in shards for i in sh) == list(range(10))
-    dm.check_compatible(tok.vocab_size, 32)
+    dm.check_compatible({"vocab_size": tok.vocab_size, "block_size": 32})
     with pytest.raises(TinyLLMError, match="vocab_size"):
-        dm.check_compatible(10, 32)
+        dm.check_compatible({"vocab_size": 10, "block_size": 32})
+    assert isinstance(dm, TrainingData)  # the one protocol train.py relies on
 
 
 def test_train_order_is_seeded_per_epoch(tmp_path: Path, tok: BPETokenizer) -> None:
@@ -313,29 +316,35 @@ def test_train_order_is_seeded_per_epoch(tmp_path: Path, tok: BPETokenizer) -> N
 
 
 def test_from_config(tmp_path: Path, tok: BPETokenizer) -> None:
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.model import GPT, ModelConfig
+
     path = write(tmp_path, json.dumps(PAIRS))
-    cfg = {
-        "name": "qa",
-        "source": "qa",
-        "path": str(path),
-        "val_count": 1,
-        "pack": False,
-        "template": {"user_prefix": "Q: "},
-    }
-    dm = QADataModule.from_config(cfg, tok, block_size=64, batch_size=2)
-    assert dm.template.user_prefix == "Q: " and len(dm.val_records) == 1
-    assert dm.chat_template is dm.template
-    # no tokenizer: one is trained on the file, from the `tokenizer` group's settings
-    scratch = QADataModule.from_config(
-        cfg, None, block_size=64, batch_size=2, tokenizer_cfg={"vocab_size": 280, "path": None}
-    )
+    cfg = {"path": str(path), "val_count": 1, "pack": False, "template": {"user_prefix": "Q: "}}
+    settings = DataSettings(block_size=64, batch_size=2, seed=0, tokenizer={"vocab_size": 280})
+    # no tokenizer given: one is trained on the file, by prepare's code and the `tokenizer` group
+    scratch = QADataModule.from_config(settings, **cfg)
+    assert scratch.template.user_prefix == "Q: " and len(scratch.val_records) == 1
     assert scratch.tokenizer.vocab_size <= 280 and scratch.tokenizer.eos_id is not None
+    assert scratch.meta["tokenizer_sha256"] == scratch.tokenizer.sha256()
+    assert scratch.meta["vocab_size"] == scratch.tokenizer.vocab_size
+    assert [type(c).__name__ for c in scratch.callbacks()] == ["ExactMatchCallback"]
+    # fine-tuning: the checkpoint's tokenizer
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(ckpt, GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=1,
+                                          n_embd=8, block_size=64)), tok)  # fmt: skip
+    tuned = QADataModule.from_config(replace(settings, init_from=str(ckpt)), **cfg)
+    assert tuned.tokenizer.sha256() == tok.sha256()
+    # tokenizer.path: prepare's loader
+    tok.save(tmp_path / "tok.json")
+    given = replace(settings, tokenizer={"path": str(tmp_path / "tok.json")})
+    assert QADataModule.from_config(given, **cfg).tokenizer.sha256() == tok.sha256()
     with pytest.raises(TinyLLMError, match="init_from"):
-        QADataModule.from_config(cfg, None, block_size=32, batch_size=2)
-    with pytest.raises(TinyLLMError, match="val_fracton"):
-        QADataModule.from_config({**cfg, "val_fracton": 0.2}, tok, block_size=64, batch_size=2)
+        QADataModule.from_config(replace(settings, tokenizer={}), **cfg)
+    with pytest.raises(TypeError, match="val_fracton"):  # (train.py names the option)
+        QADataModule.from_config(settings, **cfg, val_fracton=0.2)
     with pytest.raises(TinyLLMError, match="data.path"):
-        QADataModule.from_config({**cfg, "path": None}, tok, block_size=32, batch_size=2)
+        QADataModule.from_config(settings, **{**cfg, "path": None})
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -235,19 +235,19 @@ def test_single_seed_gives_na(tmp_path: Path) -> None:
 
 def test_not_a_multirun(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "empty").mkdir()
-    assert main([str(tmp_path / "empty")]) == 2
+    assert _exit_code([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "not a Hydra multirun folder" in err and "Traceback" not in err
-    assert main([str(tmp_path / "missing")]) == 2
+    assert _exit_code([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     # a single run folder gets a hint towards its multirun parent
     (tmp_path / "single" / ".hydra").mkdir(parents=True)
-    assert main([str(tmp_path / "single")]) == 2
+    assert _exit_code([str(tmp_path / "single")]) == 2
     assert "single run" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "report.md").exists()
     # the date folder above the multirun folders: point at them
     write_multirun(tmp_path / "multirun" / "2026-11-22" / "01-00-00", ["pos=rope"])
-    assert main([str(tmp_path / "multirun")]) == 2
+    assert _exit_code([str(tmp_path / "multirun")]) == 2
     assert "2026-11-22/01-00-00; pass one of them" in capsys.readouterr().err
 
 
@@ -256,7 +256,7 @@ def test_no_metrics_anywhere_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     write_multirun(root, ["pos=learned,rope"])
     write_job(root, 0, ["pos=learned"], None)
     write_job(root, 1, ["pos=rope"], None)
-    assert main([str(root)]) == 2
+    assert _exit_code([str(root)]) == 2
     err = capsys.readouterr().err
     assert "Nothing to report" in err and "2 running" in err
     assert not (root / "report.md").exists()
@@ -264,18 +264,18 @@ def test_no_metrics_anywhere_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_unknown_metric_lists_available(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = make_pos_sweep(tmp_path / "mr")
-    assert main([str(root), "--metric", "val/acc"]) == 2
+    assert _exit_code([str(root), "--metric", "val/acc"]) == 2
     err = capsys.readouterr().err
     assert "val/acc" in err and "val/bpb" in err and "--metric" in err
 
 
 def test_bad_baseline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = make_pos_sweep(tmp_path / "mr")
-    assert main([str(root), "--baseline", "pos=nope"]) == 2
+    assert _exit_code([str(root), "--baseline", "pos=nope"]) == 2
     assert "matches no configuration" in capsys.readouterr().err
-    assert main([str(root), "--baseline", "norm=rmsnorm"]) == 2
+    assert _exit_code([str(root), "--baseline", "norm=rmsnorm"]) == 2
     assert "does not vary" in capsys.readouterr().err
-    assert main([str(root), "--baseline", "rope"]) == 2
+    assert _exit_code([str(root), "--baseline", "rope"]) == 2
     assert "key=value" in capsys.readouterr().err
 
 
@@ -393,3 +393,23 @@ def test_scaling_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "power law" in capsys.readouterr().out
     assert main([str(root), "--no-scaling"]) == 0
     assert "## Scaling" not in (root / "report.md").read_text()
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main() on a user error: one paragraph on stderr and exit code 2 (tinyllm.errors)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return int(e.value.code)
+
+
+def test_key_value_options_match_the_flags(tmp_path, capsys):
+    root = make_pos_sweep(tmp_path / "mr")
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert main([str(root), "--metric", "val/loss", "--out", str(out_a), "--band", "std"]) == 0
+    flags = capsys.readouterr().out
+    argv = [f"dir={root}", "metric=val/loss", f"out={out_b}", "band=std"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.replace(str(out_b), str(out_a)) == flags
+    assert (out_a / "report.md").read_text() == (out_b / "report.md").read_text()
+    assert _exit_code([str(root), "scaling=maybe"]) == 2
+    assert "scaling='maybe'" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def test_tensorboard_curves(trained):
 
 
 def test_progress_bar_can_be_turned_off(corpus, data_root, tmp_path, monkeypatch):
-    from tinyllm import callbacks
+    from tinyllm import perf as callbacks
 
     bars = []
     init = callbacks.StepProgressBar.__init__

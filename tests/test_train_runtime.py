@@ -16,9 +16,9 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers.logger import Logger
 from torch.utils.data import DataLoader, Dataset
 
-from tinyllm import runtime
-from tinyllm.callbacks import NoOpProfiler, StepProgressBar
+from tinyllm import perf as runtime
 from tinyllm.module import DivergenceError, LitGPT
+from tinyllm.perf import NoOpProfiler, StepProgressBar
 
 MICRO = {"vocab_size": 64, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
 
@@ -33,7 +33,7 @@ _PROBE = textwrap.dedent(
     mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     mallinfo2.restype = Info
     if sys.argv[1] == "tuned":
-        from tinyllm.runtime import tune_cpu_allocator
+        from tinyllm.perf import tune_cpu_allocator
         assert tune_cpu_allocator()
     before = mallinfo2()
     buf = torch.empty(8 << 20, dtype=torch.uint8)  # an 8 MiB activation-sized buffer

@@ -1,15 +1,13 @@
 """Training callbacks: throughput/MFU, metrics.json, text samples, atomic checkpoint writes.
 
+(The progress bar and the profiler, which reach into Lightning's internals, are in perf.py.)
+
 Each callback does its work on rank zero only (files, printing) and stays off the hot path:
 throughput is measured with wall-clock time over windows of steps, without device syncs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
 import statistics
 import time
 import warnings
@@ -19,18 +17,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_only
 
-from tinyllm.checkpoint import atomic_torch_save
+from tinyllm.io import torch_save_atomic, write_json_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary name and rename: a crash never leaves half a file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        atomic_torch_save(checkpoint, path)
+        torch_save_atomic(checkpoint, path)
 
 
 class ThroughputMonitor(L.Callback):
@@ -109,64 +105,6 @@ class ThroughputMonitor(L.Callback):
         self.train_time = float(state_dict.get("train_time", 0.0))
 
 
-class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, doing its per-step work every `refresh_rate` steps.
-
-    The stock bar updates its task and re-reads every progress-bar metric after each batch
-    and only then decides whether to redraw; on a short CPU step that bookkeeping is a
-    measurable share of the step (benchmarks/README.md). Here the skipped batches cost one
-    comparison; the bar still ends on the epoch's last batch.
-    """
-
-    _epoch_batches: int | float = float("inf")
-    # train/* figures shown from LitGPT.step_metrics (written without self.log)
-    SHOWN = {"train/loss": "train/loss", "train/tokens_per_s": "tok/s"}
-
-    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        step_metrics = getattr(pl_module, "step_metrics", {})
-        for key, label in self.SHOWN.items():
-            if key in step_metrics:
-                items[label] = round(step_metrics[key], 3 if key == "train/loss" else 0)
-        return items
-
-    def __init__(self, refresh_rate: int = 10, leave: bool = False, **kw: Any) -> None:
-        # leave=False: an "epoch" is only a pass over the data in a step-based run, and the
-        # stock bar with leave=True stops and restarts its live display at each one (joining
-        # its refresh thread: 30-90 ms measured per epoch, inside the training time).
-        super().__init__(refresh_rate=refresh_rate, leave=leave, **kw)
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self._epoch_batches = self.total_train_batches  # (min of the epoch and steps left)
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        # The stock text reads "Epoch 3/-2" when max_epochs is unbounded (step-based runs).
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and max_epochs > 0:
-            return super()._get_train_description(current_epoch)
-        text = f"Epoch {current_epoch}"
-        return f"{text:{len(self.validation_description)}}"  # (pad: no flicker)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = batch_idx + 1
-        if n % max(1, self.refresh_rate) and n != self._epoch_batches:
-            return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-
-_NULL_CONTEXT = contextlib.nullcontext()
-
-
-class NoOpProfiler(PassThroughProfiler):
-    """Lightning's default "no profiler", minus its cost: the stock one still enters a
-    generator-based context manager around each of the ~100 hook calls of a training step
-    (~0.13 ms a step measured here). Used unless `+trainer.profiler=...` is given."""
-
-    def profile(self, action_name: str) -> contextlib.nullcontext:  # type: ignore[override]
-        return _NULL_CONTEXT
-
-
 class MetricsFile(L.Callback):
     """Keeps `<run_dir>/metrics.json` up to date: status, final figures and the val history."""
 
@@ -180,7 +118,7 @@ class MetricsFile(L.Callback):
 
     def _val_metrics(self, trainer) -> dict[str, float]:
         out = {}
-        for k in ("val/loss", "val/bpb", "val/ppl", "val/exact_match"):
+        for k in ("val/loss", "val/bpb", "val/bits_per_token", "val/ppl", "val/exact_match"):
             v = trainer.callback_metrics.get(k)
             if v is not None:
                 out[k] = float(v)
@@ -274,19 +212,3 @@ class TextSampler(L.Callback):
             if hasattr(exp, "add_text"):
                 # Markdown code block: keeps the model's whitespace visible in TensorBoard.
                 exp.add_text("samples", "```\n" + text + "\n```", trainer.global_step)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.item() if o.numel() == 1 else o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)

@@ -8,37 +8,21 @@ keys written by a compiled model (`_orig_mod.`) are normalised away on load.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import strip_compile_prefix, torch_save_atomic, unwrap_compiled
 
 CKPT_FORMAT_VERSION = 1
 _PREFIX = "model."
 
 
 def _clean_key(key: str) -> str:
-    """`model._orig_mod.blocks.0...` -> `blocks.0...` (compile wrappers never reach the file)."""
-    key = key.replace("_orig_mod.", "")
+    """`model.blocks.0...` -> `blocks.0...` (the LitGPT attribute the GPT sits in)."""
     return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Save to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -91,7 +75,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>
         raise TinyLLMError(
             f"Checkpoint '{path}' holds a model config this version cannot build: {e}"
         ) from None
-    state = {_clean_key(k): v for k, v in ckpt["state_dict"].items()}
+    # (older files written from a compiled model may still carry `_orig_mod.`)
+    state = strip_compile_prefix(dict(ckpt["state_dict"]))
+    state = {_clean_key(k): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise TinyLLMError(
@@ -132,7 +118,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Any = N
     """
     import lightning
 
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_compiled(model)
     hp: dict[str, Any] = {
         "model_config": model.config.to_dict(),
         "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
@@ -146,7 +132,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Any = N
         "global_step": 0,
         "epoch": 0,
     }
-    atomic_torch_save(ckpt, path)
+    torch_save_atomic(ckpt, path)
 
 
 def resolve_ckpt(spec: str | Path, search_root: str | Path = "outputs") -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
+from tinyllm.io import atomic_write, unwrap_compiled, write_text_atomic
 from tinyllm.model import GPT, ModelConfig
 from tinyllm.tokenizer.hf import save_hf
 
@@ -172,18 +173,8 @@ def _gpt2(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return cfg, out
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write via a temporary name beside `path`, then rename: no half-written files."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def export_hf(
@@ -199,7 +190,7 @@ def export_hf(
     """
     from safetensors.torch import save_file
 
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model exports its module
+    model = unwrap_compiled(model)  # a torch.compile'd model exports its module
     family = hf_family(model.config)
     cfg, tensors = (_llama if family == "llama" else _gpt2)(model)
     # safetensors refuses shared or strided storage: give every tensor its own contiguous copy.
@@ -216,7 +207,7 @@ def export_hf(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    atomic_write(
         out / "model.safetensors",
         lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
     )

@@ -21,8 +21,11 @@ from torchmetrics import SumMetric
 
 from tinyllm.chat import IGNORE_INDEX
 from tinyllm.checkpoint import CKPT_FORMAT_VERSION
+from tinyllm.data.protocol import split_bytes
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import strip_compile_prefix
 from tinyllm.model import GPT, ModelConfig
+from tinyllm.perf import FastSetattr
 
 
 @dataclass
@@ -87,12 +90,12 @@ class DivergenceError(RuntimeError):
 # Attributes written on every step: Lightning's hook bookkeeping (`_current_fx_name`, set
 # about 45 times a step) and our counters. None is a parameter, buffer or sub-module, so they
 # skip nn.Module.__setattr__'s registry checks (see LitGPT.__setattr__).
-_PLAIN_ATTRS = frozenset(
-    {"_current_fx_name", "tokens_seen", "_loss_sum", "_loss_count", "_loss_logged_at", "_world"}
-)  # (step_metrics is a dict updated in place)
+class LitGPT(FastSetattr, L.LightningModule):
+    # set every step or every hook: plain attributes, never parameters or modules (perf.py)
+    _plain_attrs = frozenset(
+        {"_current_fx_name", "tokens_seen", "_loss_sum", "_loss_count", "_loss_logged_at", "_world"}
+    )  # (step_metrics is a dict updated in place)
 
-
-class LitGPT(L.LightningModule):
     def __init__(
         self,
         model_config: dict[str, Any],
@@ -126,12 +129,6 @@ class LitGPT(L.LightningModule):
         self._loss_count = 0
         self._loss_logged_at = -1  # global step of the latest train/loss log
         self.step_metrics: dict[str, float] = {}  # latest train/* values (log_step_metrics)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _PLAIN_ATTRS:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     # -- the model ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -237,8 +234,8 @@ class LitGPT(L.LightningModule):
         metrics = {"val/loss": val_loss, "val/ppl": torch.exp(val_loss.clamp(max=30))}
         if self.tokens_per_byte is not None:
             metrics["val/bpb"] = val_loss / math.log(2) * self.tokens_per_byte
-        else:  # no byte counts (e.g. Q&A data): bits per token keeps the column comparable
-            metrics["val/bpb"] = val_loss / math.log(2)
+        else:  # bytes unknown: bits per token, under its own name (never passed off as bpb)
+            metrics["val/bits_per_token"] = val_loss / math.log(2)
         self.log_dict(metrics, prog_bar=True, sync_dist=False)
 
     # -- optimizer ---------------------------------------------------------------------------
@@ -331,9 +328,7 @@ class LitGPT(L.LightningModule):
             "optim": asdict(self.optim_cfg),
         }
         # Never write keys of a compiled wrapper: checkpoints must load into a plain GPT.
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if "_orig_mod." in k]:
-            sd[k.replace("_orig_mod.", "")] = sd.pop(k)
+        strip_compile_prefix(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("tinyllm", {})
@@ -342,11 +337,14 @@ class LitGPT(L.LightningModule):
 
 
 def _tokens_per_byte(meta: dict[str, Any] | None) -> float | None:
-    try:
-        val = meta["splits"]["val"]  # type: ignore[index]
-        return float(val["tokens"]) / float(val["bytes"])
-    except (TypeError, KeyError, ZeroDivisionError, ValueError):
-        return None
+    """Validation tokens per UTF-8 byte, or None when the bytes are not known."""
+    n_bytes = split_bytes(meta, "val")
+    return None if n_bytes is None else float(meta["splits"]["val"]["tokens"]) / n_bytes  # type: ignore[index]
+
+
+def selection_metric(meta: dict[str, Any] | None) -> str:
+    """The validation metric LitGPT logs for this data, which best.ckpt is chosen by."""
+    return "val/bpb" if split_bytes(meta, "val") is not None else "val/bits_per_token"
 
 
 def _grad_scaler(trainer: Any) -> Any:

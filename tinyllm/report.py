@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
-from tinyllm.analysis.stats import (
+from tinyllm.analysis import (
     ConfigSummary,
     Curve,
     PowerLawFit,
+    Sweep,
     fit_power_law,
+    load_sweep,
     mean_curve,
     summarize,
 )
-from tinyllm.analysis.sweep import Sweep, load_sweep
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import TinyLLMError, exit_on_user_error
+from tinyllm.io import write_text_atomic
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -126,12 +127,6 @@ def _overrides_str(run) -> str:
     return " ".join(f"{k}={v}" for k, v in run.overrides.items())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build_report(
     sweep: Sweep,
     metric: str = "val/bpb",
@@ -151,9 +146,31 @@ def build_report(
     if not has_final and not has_curve:
         _raise_nothing(sweep, metric)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = metric.replace("/", "_")
+    plots = _curve_plots(rows, metric, band, out_dir)
+    fit, scaling, scaling_note = _scaling(sweep, rows, metric, scaling, out_dir, plots)
+    base = next(r for r in rows if r.is_baseline)
+    if base.mean is None:
+        sweep.warnings.append(
+            f"the baseline {base.label} has no completed run with a final {metric} yet, so "
+            "there is no Δ or p-value; pick another with --baseline"
+        )
+    header, cells = table_rows(sweep, rows, metric)
+    md = _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_note, band)
+    report = out_dir / "report.md"
+    write_text_atomic(report, md)
+    return {
+        "report": report,
+        "plots": plots,
+        "rows": rows,
+        "fit": fit,
+        "header": header,
+        "cells": cells,
+    }
 
-    # curves: completed and running seeds (a failed run's curve would drag the mean)
+
+def _curve_plots(rows: list, metric: str, band: str, out_dir: Path) -> dict[str, Path]:
+    """Mean curves per configuration over its completed and running seeds (a failed run's
+    curve would drag the mean), against step and, when known, time."""
     curves: list[Curve] = []
     for r in rows:
         live = [run for run in r.runs if run.status != "failed"]
@@ -164,11 +181,17 @@ def build_report(
     if curves:
         from tinyllm.analysis.plots import plot_curves
 
+        slug = metric.replace("/", "_")
         plots["step"] = plot_curves(curves, metric, "step", out_dir / f"{slug}_vs_step.png")
         if any(math.isfinite(t) for c in curves for t in c.times):
             plots["time"] = plot_curves(curves, metric, "time", out_dir / f"{slug}_vs_time.png")
+    return plots
 
-    # scaling: asked for, or the sweep varies only `model` and the sizes differ
+
+def _scaling(
+    sweep: Sweep, rows: list, metric: str, scaling: bool | None, out_dir: Path, plots: dict
+) -> tuple[PowerLawFit | None, bool, str]:
+    """The power-law fit when asked for, or when the sweep varies only `model` over sizes."""
     fit: PowerLawFit | None = None
     scaling_note = ""
     sizes = {r.params for r in rows if r.params and r.finals}
@@ -183,26 +206,9 @@ def build_report(
         if len({r.params for r in rows if r.params}) >= 1:
             from tinyllm.analysis.plots import plot_scaling
 
+            slug = metric.replace("/", "_")
             plots["scaling"] = plot_scaling(rows, fit, metric, out_dir / f"{slug}_vs_params.png")
-
-    base = next(r for r in rows if r.is_baseline)
-    if base.mean is None:
-        sweep.warnings.append(
-            f"the baseline {base.label} has no completed run with a final {metric} yet, so "
-            "there is no Δ or p-value; pick another with --baseline"
-        )
-    header, cells = table_rows(sweep, rows, metric)
-    md = _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_note, band)
-    report = out_dir / "report.md"
-    _write_atomic(report, md)
-    return {
-        "report": report,
-        "plots": plots,
-        "rows": rows,
-        "fit": fit,
-        "header": header,
-        "cells": cells,
-    }
+    return fit, scaling, scaling_note
 
 
 def _raise_nothing(sweep: Sweep, metric: str) -> None:
@@ -242,6 +248,15 @@ def _status_counts(runs) -> dict[str, int]:
 
 
 def _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_note, band) -> str:
+    lines = _md_head(sweep, rows, metric, header, cells)
+    lines += _md_curves(metric, plots, band)
+    if scaling:
+        lines += _md_scaling(metric, plots, fit, scaling_note)
+    lines += _md_other_runs(sweep, metric)
+    return "\n".join(lines)
+
+
+def _md_head(sweep: Sweep, rows: list, metric: str, header: list, cells: list) -> list[str]:
     counts = _status_counts(sweep.runs)
     jobs = f"{len(sweep.runs)} job(s)"
     if sweep.expected_jobs and sweep.expected_jobs >= len(sweep.runs):
@@ -267,6 +282,11 @@ def _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_n
         _md_table(header, cells),
         "",
     ]
+    return lines
+
+
+def _md_curves(metric: str, plots: dict, band: str) -> list[str]:
+    lines: list[str] = []
     if plots.get("step") or plots.get("time"):
         what = "min–max" if band == "minmax" else "± 1 std"
         lines += [
@@ -286,24 +306,34 @@ def _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_n
             f"hold `{metric}`.",
             "",
         ]
-    if scaling:
-        lines += ["## Scaling", ""]
-        if fit is not None:
-            how = (
-                "scipy curve_fit of all three parameters"
-                if fit.method == "curve_fit"
-                else "log-log linear fit with c = 0 (too few sizes, or curve_fit failed)"
-            )
-            lines += [
-                f"Fit over {fit.n_points} runs (N = `params` from metrics.json): `{fit}` ({how}).",
-                "",
-                f"a = {fit.a:.6g}, alpha = {fit.alpha:.6g}, c = {fit.c:.6g}",
-                "",
-            ]
-        else:
-            lines += [f"No fit: {scaling_note}", ""]
-        if "scaling" in plots:
-            lines += [f"![{metric} vs parameters]({plots['scaling'].name})", ""]
+    return lines
+
+
+def _md_scaling(metric: str, plots: dict, fit: PowerLawFit | None, scaling_note: str) -> list[str]:
+    lines: list[str] = []
+    lines += ["## Scaling", ""]
+    if fit is not None:
+        how = (
+            "scipy curve_fit of all three parameters"
+            if fit.method == "curve_fit"
+            else "log-log linear fit with c = 0 (too few sizes, or curve_fit failed)"
+        )
+        lines += [
+            f"Fit over {fit.n_points} runs (N = `params` from metrics.json): `{fit}` ({how}).",
+            "",
+            f"a = {fit.a:.6g}, alpha = {fit.alpha:.6g}, c = {fit.c:.6g}",
+            "",
+        ]
+    else:
+        lines += [f"No fit: {scaling_note}", ""]
+    if "scaling" in plots:
+        lines += [f"![{metric} vs parameters]({plots['scaling'].name})", ""]
+    return lines
+
+
+def _md_other_runs(sweep: Sweep, metric: str) -> list[str]:
+    """Failed, running or incomplete, and excluded jobs; the loader's warnings."""
+    lines: list[str] = []
     failed = [r for r in sweep.runs if r.status == "failed"]
     if failed:
         lines += ["## Failed runs", "", "| job | overrides | error |", "|---|---|---|"]
@@ -334,7 +364,7 @@ def _markdown(sweep, rows, metric, header, cells, plots, fit, scaling, scaling_n
         lines += [""]
     if sweep.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in sweep.warnings] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def _print_table(result: dict, sweep: Sweep, metric: str) -> None:
@@ -364,10 +394,35 @@ def _print_table(result: dict, sweep: Sweep, metric: str) -> None:
     console.print(escape("wrote " + ", ".join(str(p) for p in written)))
 
 
+# key=value, as every other entry point takes its options (the --flag form still works)
+_KEYS = {"dir", "metric", "baseline", "out", "scaling", "band"}
+
+
+def _hydra_style(argv: list[str]) -> list[str]:
+    """`dir=D metric=val/loss baseline=pos=learned scaling=true` -> argparse's spelling."""
+    out: list[str] = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in _KEYS:
+            out.append(arg)
+        elif key == "dir":
+            out.append(value)
+        elif key == "scaling":
+            flag = {"true": "--scaling", "false": "--no-scaling", "null": None}.get(value.lower())
+            if value.lower() not in ("true", "false", "null"):
+                raise TinyLLMError(f"scaling={value!r}: use scaling=true, false or null (auto).")
+            out += [flag] if flag else []
+        else:
+            out += [f"--{key}", value]
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tinyllm.report",
-        description="Summarise a Hydra multirun folder: table over seeds, curves, report.md.",
+        description="Summarise a Hydra multirun folder: table over seeds, curves, report.md. "
+        "Options as key=value (dir=DIR metric=val/loss out=DIR scaling=true band=std "
+        "baseline=pos=learned), like the other entry points; --metric X etc. also work.",
     )
     p.add_argument("dir", metavar="DIR", help="multirun folder, e.g. outputs/multirun/DATE/TIME")
     p.add_argument("--metric", default="val/bpb", help="metric to compare (default: val/bpb)")
@@ -391,12 +446,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="minmax",
         help="band around the mean curve over seeds (default: minmax)",
     )
-    return p.parse_args(argv)
+    return p.parse_args(_hydra_style(sys.argv[1:] if argv is None else list(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
+    """Returns 0; a user error exits with code 2 through the one handler (tinyllm.errors)."""
+    with exit_on_user_error():
+        args = parse_args(argv)
         sweep = load_sweep(args.dir, metric=args.metric)
         result = build_report(
             sweep,
@@ -406,9 +462,6 @@ def main(argv: list[str] | None = None) -> int:
             scaling=args.scaling,
             band=args.band,
         )
-    except TinyLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     _print_table(result, sweep, args.metric)
     return 0
 

@@ -1,5 +1,11 @@
 """`python -m tinyllm.train [overrides]`: prepare the data if needed, train, write metrics.json.
 
+Read `run()` below, then its steps in order, each a short function of the config and what the
+steps before it returned: setup (devices, perf settings, step budget) -> build_data (the
+DataModule the `data` group names; tinyllm/data/protocol.py) -> build_module (LitGPT) ->
+build_trainer (callbacks, loggers, Trainer) -> fit -> finish (the figures of metrics.json,
+written by tinyllm/callbacks.py's MetricsFile). Helpers follow, then the entry point.
+
 One run = one output directory (outputs/<date>/<time>/, sweeps outputs/multirun/...) holding
 the Hydra config, TensorBoard events (tb/), checkpoints/ and metrics.json. With
 `trainer.devices=N` this process becomes rank 0 and starts ranks 1..N-1 on the same composed
@@ -14,15 +20,19 @@ import os
 import sys
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import TinyLLMError, exit_on_user_error
+from tinyllm.launch import clear_launch_env, externally_launched, launch_workers
+from tinyllm.module import selection_metric
 
 # Peak dense bf16 FLOP/s of common GPUs, for MFU (override with perf.peak_tflops).
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -31,6 +41,366 @@ _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10":
 # the matmul speed-up to outweigh the casts; below this width fp32 is faster. Measured with
 # benchmarks/precision.py on the development machine (see benchmarks/README.md).
 CPU_BF16_MIN_WIDTH = 512
+
+
+def _when_finetuning(finetune_value: Any, default: Any, *, _root_: DictConfig) -> Any:
+    """`${finetuning:A,B}` in conf/train.yaml: A when the run starts from init_from, else B."""
+    return finetune_value if _root_.get("init_from") else default
+
+
+OmegaConf.register_new_resolver("finetuning", _when_finetuning, replace=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The story of one run: setup -> build_data -> build_module -> build_trainer -> fit -> finish.
+# Each step reads the config and what the steps before it returned; nothing flows back up.
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train once with a composed config; returns the final metrics (also in metrics.json)."""
+    ctx = setup(cfg)
+    data = build_data(cfg, ctx)
+    lit = build_module(cfg, data, ctx)
+    job = build_trainer(cfg, data, lit, ctx)
+    fit(cfg, job, lit, data)
+    return finish(job, ctx)
+
+
+@dataclass
+class RunContext:
+    """Where the run writes, what it runs on, and how long: fixed before any data is read."""
+
+    run_dir: Path
+    overrides: list[str]
+    accelerator: str
+    n_local: int  # processes on this machine
+    world: int  # processes in the job
+    rank_zero: bool
+    allocator: str  # what perf.cpu_allocator did
+    max_steps: int  # trainer.max_steps, or what budget.max_tokens works out to
+    max_time_s: float | None
+
+
+def setup(cfg: DictConfig) -> RunContext:
+    """Check the devices and apply the process-wide perf settings (tinyllm/perf.py)."""
+    from tinyllm.perf import FastSetattr, apply_cpu_allocator
+
+    _quiet_lightning_logs()
+    hc = HydraConfig.get()
+    accel = _accelerator(str(cfg.trainer.accelerator))
+    n_local = _check_devices(accel, cfg.trainer.devices)
+    world = n_local * int(cfg.trainer.num_nodes)
+    if "fsdp" in str(cfg.trainer.strategy).lower() and accel != "gpu":
+        raise TinyLLMError(
+            f"trainer.strategy={cfg.trainer.strategy} runs on GPUs only (Lightning's FSDP "
+            f"strategy needs CUDA devices), but this run's accelerator is {accel}. On CPUs use "
+            "trainer.devices=N (DDP over gloo: every process holds the whole model)."
+        )
+    FastSetattr.enabled = bool(cfg.perf.fast_setattr)
+    max_steps = int(cfg.trainer.max_steps)
+    if cfg.budget.max_tokens:
+        accum = int(cfg.trainer.accumulate_grad_batches)
+        per_step = int(cfg.batch_size) * int(cfg.model.block_size) * accum * world
+        max_steps = max(1, math.ceil(float(cfg.budget.max_tokens) / per_step))
+    max_time_s = cfg.budget.get("max_time_s")
+    return RunContext(
+        run_dir=Path(hc.runtime.output_dir),
+        overrides=list(hc.overrides.task),
+        accelerator=accel,
+        n_local=n_local,
+        world=world,
+        rank_zero=_is_rank_zero(),
+        allocator=apply_cpu_allocator(str(cfg.perf.cpu_allocator), accel),
+        max_steps=max_steps,
+        max_time_s=float(max_time_s) if max_time_s else None,
+    )
+
+
+def build_data(cfg: DictConfig, ctx: RunContext) -> Any:
+    """The DataModule the `data` group names with `_target_` (tinyllm/data/protocol.py);
+    rank zero prepares a corpus before any worker process starts."""
+    from tinyllm.data.protocol import DEFAULT_BUILDER, DataSettings
+
+    settings = DataSettings(
+        block_size=int(cfg.model.block_size),
+        batch_size=int(cfg.batch_size),
+        seed=_seed(cfg, "data_seed"),
+        tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True),
+        num_workers=int(cfg.loader.num_workers),
+        val_windows=cfg.loader.val_windows,
+        data_root=str(cfg.data_root),
+        data_dir=cfg.data_dir,
+        force_prepare=bool(cfg.force_prepare),
+        init_from=cfg.init_from,
+        rank_zero=ctx.rank_zero,
+    )
+    node = OmegaConf.to_container(cfg.data, resolve=True)
+    node.setdefault("_target_", DEFAULT_BUILDER)  # (a data group written for the Python API)
+    return _instantiate(node, "data", settings)
+
+
+def build_module(cfg: DictConfig, data: Any, ctx: RunContext) -> Any:
+    """LitGPT from plain values: model config, optimizer settings, the data's meta; then the
+    weights of `init_from` (fine-tuning) and compile."""
+    from tinyllm.module import LitGPT
+
+    model_cfg = _model_config(cfg, data.tokenizer.vocab_size)
+    data.check_compatible(model_cfg)
+    optim = dict(
+        OmegaConf.to_container(cfg.optim, resolve=True),  # fine-tuning values: conf/train.yaml
+        max_steps=ctx.max_steps,
+        max_time_s=ctx.max_time_s,
+    )
+    L.seed_everything(_seed(cfg, "init_seed"), workers=True, verbose=False)
+    chat = data.chat_template
+    lit = LitGPT(
+        model_config=model_cfg,
+        tokenizer=data.tokenizer.to_dict(),
+        optim=optim,
+        data_meta=data.meta,
+        chat_template=None if chat is None else chat.to_dict(),
+        nan_policy=str(cfg.nan_policy),
+    )
+    if cfg.ckpt_path:
+        _check_resume(Path(cfg.ckpt_path), lit.model.config.to_dict())
+    if cfg.init_from:
+        _load_weights(lit, cfg.init_from)
+    if cfg.compile:
+        lit.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
+    return lit
+
+
+def _load_weights(lit: Any, path: str) -> None:
+    from tinyllm.checkpoint import model_from_checkpoint, read_checkpoint
+
+    src = model_from_checkpoint(read_checkpoint(path), path)
+    if src.config.to_dict() != lit.model.config.to_dict():
+        raise TinyLLMError(
+            f"init_from={path} holds a model with a different config than this "
+            "run's `model` (size, parts or vocab differ). Fine-tuning keeps the "
+            "architecture: use the same model=/norm=/activation=/pos= as the checkpoint."
+        )
+    lit.model.load_state_dict(src.state_dict())
+
+
+@dataclass
+class Fit:
+    """What fit and finish need: the trainer, metrics.json's writer, our DDP workers."""
+
+    trainer: Any
+    metrics: Any
+    workers: Any = None
+    monitor: str = "val/bpb"
+
+
+def build_trainer(cfg: DictConfig, data: Any, lit: Any, ctx: RunContext) -> Fit:
+    """Lightning's Trainer with tinyllm's callbacks, the configured loggers, the DDP workers."""
+    precision = resolve_precision(cfg.trainer.precision, ctx.accelerator, lit.model.config.n_embd)
+    monitor = selection_metric(lit.hparams.data_meta)
+    _print(_header(lit, ctx, precision, monitor))
+    extra = {
+        "overrides": ctx.overrides,
+        "precision": precision,
+        "devices": ctx.world,
+        "cpu_allocator": ctx.allocator,
+        "config": {
+            "model": lit.hparams.model_config,
+            "optim": lit.hparams.optim,
+            "batch_size": int(cfg.batch_size),
+        },
+    }
+    callbacks, metrics = _callbacks(cfg, ctx, data, monitor, extra)
+    loggers = [
+        _instantiate(node, ".".join(filter(None, ("logger", name))), save_dir=str(ctx.run_dir))
+        for name, node in _targets(cfg.logger)
+    ]
+    workers = _start_workers(cfg, ctx) if ctx.n_local > 1 and not externally_launched() else None
+    trainer = L.Trainer(**_trainer_kwargs(cfg, ctx, precision, callbacks, loggers))
+    if loggers and ctx.rank_zero:
+        hp = _flat_hparams(cfg, lit.hparams.model_config, lit.model.num_params())
+        loggers[0].log_hyperparams(hp, {"hp/val_bpb": float("nan")})
+    return Fit(trainer, metrics, workers, monitor)
+
+
+def fit(cfg: DictConfig, job: Fit, lit: Any, data: Any) -> None:
+    """trainer.fit; a run stopped between validations (a time budget) is scored at its end.
+    Any failure marks metrics.json failed and stops our DDP workers."""
+    trainer = job.trainer
+    try:
+        trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path)
+        if lit.last_val_step != trainer.global_step and not trainer.interrupted:
+            trainer.validate(lit, datamodule=data, verbose=False)
+            job.metrics.write(trainer, lit, "completed")
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+        if job.workers is not None:
+            job.workers.wait()
+    except BaseException as e:
+        if job.workers is not None:
+            job.workers.kill()
+        if _is_rank_zero():
+            job.metrics.write(trainer, lit, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        clear_launch_env()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def finish(job: Fit, ctx: RunContext) -> dict[str, Any]:
+    """The final figures (as in metrics.json), and one line saying where they are."""
+    final = dict(job.metrics.data)
+    if ctx.rank_zero:
+        score = final.get(job.monitor)
+        _print(
+            f"tinyllm: done | step {final.get('step')} | {job.monitor} "
+            f"{_r(score)} | val/loss {_r(final.get('val/loss'))} | "
+            f"{_r(final.get('train/tokens_per_s'), 0)} tokens/s | "
+            f"checkpoint {ctx.run_dir / 'checkpoints' / 'last.ckpt'}"
+        )
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# The parts of build_trainer
+
+
+def _header(lit: Any, ctx: RunContext, precision: str, monitor: str) -> str:
+    mc = lit.hparams.model_config
+    return (
+        f"tinyllm: {lit.model.num_params() / 1e6:.2f}M parameters | {mc['n_layer']} layers x "
+        f"{mc['n_embd']} wide, {mc['norm']}/{mc['activation']}/{mc['pos']} | vocab "
+        f"{mc['vocab_size']} | {ctx.accelerator} x{ctx.world} | {precision} | "
+        f"{ctx.max_steps} steps | best.ckpt by {monitor} | run dir {ctx.run_dir}"
+    )
+
+
+def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra: dict):
+    """tinyllm's own callbacks (each switched by its setting), the data's, then `callbacks`."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tinyllm.callbacks import MetricsFile, TextSampler, ThroughputMonitor
+    from tinyllm.perf import StepProgressBar
+
+    ckpt_dir = ctx.run_dir / "checkpoints"
+    throughput = ThroughputMonitor(
+        every=int(cfg.trainer.log_every_n_steps), peak_flops=_peak_flops(cfg, ctx.accelerator)
+    )
+    metrics = MetricsFile(ctx.run_dir, throughput, {**extra, "best_checkpoint_metric": monitor})
+    cbs = [throughput, metrics]
+    # best.ckpt by the validation metric; last.ckpt always (every validation and at the end)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min",
+                           save_top_k=1, save_last=True, enable_version_counter=False)  # fmt: skip
+    cbs.append(best)
+    if cfg.trainer.get("enable_progress_bar", True) and cfg.perf.fast_progress_bar:
+        cbs.append(StepProgressBar(refresh_rate=10))  # (else Lightning's stock bar)
+    if cfg.checkpoint.every_n_steps:
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}",
+                                   auto_insert_metric_name=False, save_top_k=-1,
+                                   every_n_train_steps=int(cfg.checkpoint.every_n_steps),
+                                   enable_version_counter=False))  # fmt: skip
+    cbs += data.callbacks()
+    s = cfg.sample
+    if s.max_new_tokens:
+        cbs.append(TextSampler(data.tokenizer, prompt=s.prompt, top_k=s.top_k,
+                               max_new_tokens=int(s.max_new_tokens),
+                               temperature=float(s.temperature)))  # fmt: skip
+    cbs += [_instantiate(node, f"callbacks.{name}") for name, node in _targets(cfg.callbacks)]
+    return cbs, metrics
+
+
+def _peak_flops(cfg: DictConfig, accel: str) -> float | None:
+    peak = cfg.perf.peak_tflops
+    if peak is None and accel == "gpu":
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+    return float(peak) * 1e12 if peak else None
+
+
+def _trainer_kwargs(cfg: DictConfig, ctx: RunContext, precision: str, callbacks, loggers):
+    from tinyllm.callbacks import AtomicCheckpointIO
+    from tinyllm.perf import NoOpProfiler
+
+    strategy = cfg.trainer.strategy
+    if ctx.world > 1 and strategy == "auto":
+        strategy = "ddp"
+    tkw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    tkw.update(
+        accelerator=ctx.accelerator,
+        strategy=strategy,
+        precision=precision,
+        max_steps=ctx.max_steps,
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=str(ctx.run_dir),
+        use_distributed_sampler=False,  # our samplers shard by rank themselves
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+    )
+    if tkw.get("profiler") is None and cfg.perf.noop_profiler:
+        tkw["profiler"] = NoOpProfiler()  # (+trainer.profiler=simple|advanced|pytorch wins)
+    if ctx.max_time_s:  # the budget caps the run (the schedule follows it, see LitGPT)
+        tkw["max_time"] = {"seconds": ctx.max_time_s}
+    for key in ("limit_val_batches", "max_time", "profiler"):
+        if tkw.get(key) is None:
+            tkw.pop(key, None)  # (Lightning's own default)
+    vci = tkw.get("val_check_interval")
+    if isinstance(vci, int) and vci > ctx.max_steps:
+        tkw["val_check_interval"] = ctx.max_steps  # always validate at least at the end
+    return tkw
+
+
+def _start_workers(cfg: DictConfig, ctx: RunContext) -> Any:
+    """Local ranks 1..n-1 on this job's composed config (tinyllm/launch.py says why)."""
+    job_cfg_dir = ctx.run_dir / ".tinyllm"
+    job_cfg_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, job_cfg_dir / "ddp_job.yaml")
+    args = [
+        "--config-dir", str(job_cfg_dir), "--config-name", "ddp_job",
+        f"hydra.run.dir={ctx.run_dir}", "hydra.output_subdir=null",
+        "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+    ]  # fmt: skip
+    workers = launch_workers(ctx.n_local, "tinyllm.train", args, cwd=os.getcwd())
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.n_local))
+
+    def on_failure(rank: int, rc: int) -> None:
+        msg = f"DDP worker rank {rank} exited with code {rc}; stopping the run."
+        print(f"tinyllm: {msg}", file=sys.stderr, flush=True)
+        _write_failed(msg)
+        os._exit(1)
+
+    workers.watch(on_failure)
+    return workers
+
+
+def _targets(node: Any) -> list[tuple[str, dict]]:
+    """The `_target_` entries of a config node: itself if it has one, else its children."""
+    plain = OmegaConf.to_container(node, resolve=True) if node is not None else None
+    if not isinstance(plain, dict):
+        return []
+    if "_target_" in plain:
+        return [("", plain)]
+    return [(k, v) for k, v in plain.items() if isinstance(v, dict) and v.get("_target_")]
+
+
+def _instantiate(node: dict, where: str, *args: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our errors passed through and bad options named."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, *args, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, TinyLLMError):
+            raise cause from None
+        raise TinyLLMError(
+            f"{where}: could not build {node.get('_target_')} ({cause or e}). Fix the option "
+            f"in its conf/ file or the `{where}.<key>=` override."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of setup and build_module: logs, devices, precision, seeds, the model config
 
 
 class _DropNoise(logging.Filter):
@@ -123,36 +493,6 @@ def _seed(cfg: DictConfig, key: str) -> int:
     return int(cfg.seed if v is None else v)
 
 
-def build_data(cfg: DictConfig, block_size: int, rank_zero: bool):
-    """Prepare (rank zero, once) and open the data; returns (datamodule, tokenizer, meta)."""
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    tok_cfg = OmegaConf.to_container(cfg.tokenizer, resolve=True)
-    if data_cfg.get("source") == "qa":
-        return _build_qa_data(cfg, data_cfg, block_size)
-    from tinyllm.data.datamodule import TokenBinDataModule
-    from tinyllm.data.prepare import default_data_dir, prepare_data, read_meta
-
-    if cfg.data_dir:  # an already prepared folder: used as it is, never written to
-        out = Path(cfg.data_dir)
-    else:
-        out = default_data_dir(data_cfg, tok_cfg, cfg.data_root)
-        if rank_zero:
-            # Our own workers start after this, so the bins exist before any of them opens them.
-            out = prepare_data(data_cfg, tok_cfg, out, force=bool(cfg.force_prepare))
-        else:
-            # Under SLURM/torchrun every rank starts at once: wait for rank zero's prepare.
-            _wait_for(out / "meta.json")
-    dm = TokenBinDataModule(
-        out,
-        block_size=block_size,
-        batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.loader.num_workers),
-        seed=_seed(cfg, "data_seed"),
-        val_windows=cfg.loader.val_windows,
-    )
-    return dm, dm.tokenizer, read_meta(out)
-
-
 def _check_resume(path: Path, model_cfg: dict[str, Any]) -> None:
     """A resumed run must rebuild exactly the model of its checkpoint: say so before training."""
     from tinyllm.checkpoint import read_checkpoint
@@ -168,42 +508,6 @@ def _check_resume(path: Path, model_cfg: dict[str, Any]) -> None:
             "same model/norm/activation/pos/tokenizer settings as that run (its "
             ".hydra/config.yaml has them), or use init_from= to start a new run from its weights."
         )
-
-
-def _wait_for(path: Path, timeout_s: float = 6 * 3600) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not path.is_file():
-        if time.monotonic() > deadline:
-            raise TinyLLMError(
-                f"Waited {timeout_s:.0f} s for rank zero to prepare {path.parent}. Prepare the "
-                "data once beforehand (`python -m tinyllm.prepare ...`) and pass data_dir=."
-            )
-        time.sleep(2.0)
-
-
-def _build_qa_data(cfg: DictConfig, data_cfg: dict, block_size: int):
-    from tinyllm.data.qa import QADataModule
-
-    tokenizer = None
-    if cfg.init_from:
-        from tinyllm.checkpoint import read_checkpoint, tokenizer_from_checkpoint
-
-        tokenizer = tokenizer_from_checkpoint(read_checkpoint(cfg.init_from), cfg.init_from)
-    elif cfg.tokenizer.path:
-        from tinyllm.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-    dm = QADataModule.from_config(
-        data_cfg,
-        tokenizer=tokenizer,
-        tokenizer_cfg=OmegaConf.to_container(cfg.tokenizer, resolve=True),
-        block_size=block_size,
-        batch_size=int(cfg.batch_size),
-        seed=_seed(cfg, "data_seed"),
-    )
-    return dm, dm.tokenizer, dm.meta
 
 
 def _model_config(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
@@ -263,272 +567,6 @@ def match_params(model_cfg: dict[str, Any], target: int) -> int:
     return best * step
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path, dm, tokenizer, peak_flops, extra: dict):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from tinyllm.callbacks import MetricsFile, StepProgressBar, TextSampler, ThroughputMonitor
-
-    ckpt_dir = run_dir / "checkpoints"
-    throughput = ThroughputMonitor(every=int(cfg.trainer.log_every_n_steps), peak_flops=peak_flops)
-    metrics = MetricsFile(run_dir, throughput, extra)
-    cbs = [
-        throughput,
-        metrics,
-        # best.ckpt by val/bpb; last.ckpt always (saved on every validation and at the end)
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best",
-            monitor="val/bpb",
-            mode="min",
-            save_top_k=1,
-            save_last=True,
-            enable_version_counter=False,
-        ),
-    ]
-    if cfg.trainer.get("enable_progress_bar", True):  # (false: batch jobs, log files)
-        cbs.append(StepProgressBar(refresh_rate=10))
-    if cfg.checkpoint.every_n_steps:
-        cbs.append(
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="step-{step}",
-                auto_insert_metric_name=False,
-                every_n_train_steps=int(cfg.checkpoint.every_n_steps),
-                save_top_k=-1,
-                enable_version_counter=False,
-            )
-        )
-    if str(cfg.data.get("source")) == "qa" and getattr(dm, "val_records", None):
-        from tinyllm.data.qa import ExactMatchCallback
-
-        cbs.append(ExactMatchCallback(dm.val_records, dm.tokenizer, dm.chat_template))
-    if cfg.sample.max_new_tokens and tokenizer is not None:
-        s = cfg.sample
-        cbs.append(
-            TextSampler(
-                tokenizer,
-                prompt=s.prompt,
-                max_new_tokens=int(s.max_new_tokens),
-                temperature=float(s.temperature),
-                top_k=s.top_k,
-            )
-        )
-    return cbs, metrics
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train once with a composed config; returns the final metrics (also in metrics.json)."""
-    import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from tinyllm.callbacks import AtomicCheckpointIO
-    from tinyllm.launch import clear_launch_env, externally_launched, launch_workers
-    from tinyllm.module import LitGPT
-
-    _quiet_lightning_logs()
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    rank_zero = _is_rank_zero()
-    accel = _accelerator(str(cfg.trainer.accelerator))
-    n_local = _check_devices(accel, cfg.trainer.devices)
-    world = n_local * int(cfg.trainer.num_nodes)
-    if "fsdp" in str(cfg.trainer.strategy).lower() and accel != "gpu":
-        raise TinyLLMError(
-            f"trainer.strategy={cfg.trainer.strategy} runs on GPUs only (Lightning's FSDP "
-            f"strategy needs CUDA devices), but this run's accelerator is {accel}. On CPUs use "
-            "trainer.devices=N (DDP over gloo: every process holds the whole model)."
-        )
-    allocator = _cpu_allocator(cfg, accel)
-
-    # --- data and model config (rank zero prepares before any worker starts) -------------
-    block_size = int(cfg.model.block_size)
-    dm, tokenizer, meta = build_data(cfg, block_size, rank_zero)
-    model_cfg = _model_config(cfg, tokenizer.vocab_size)
-    if hasattr(dm, "check_compatible"):
-        dm.check_compatible(model_cfg["vocab_size"], block_size)
-
-    # --- budget -> steps ------------------------------------------------------------------
-    accum = int(cfg.trainer.accumulate_grad_batches)
-    max_steps = int(cfg.trainer.max_steps)
-    if cfg.budget.max_tokens:
-        per_step = int(cfg.batch_size) * block_size * accum * world
-        max_steps = max(1, math.ceil(float(cfg.budget.max_tokens) / per_step))
-    max_time_s = cfg.budget.get("max_time_s")
-    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
-    if cfg.init_from:
-        # Fine-tuning: a low LR and short warm-up by default; optim.* given on the command
-        # line still wins.
-        given = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
-        for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items():
-            if f"optim.{k}" not in given:
-                optim_cfg[k] = v
-    optim = dict(
-        optim_cfg,
-        max_steps=max_steps,
-        max_time_s=float(max_time_s) if max_time_s else None,
-    )
-
-    precision = resolve_precision(cfg.trainer.precision, accel, int(model_cfg["n_embd"]))
-    peak = cfg.perf.peak_tflops
-    if peak is None and accel == "gpu":
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
-    peak_flops = float(peak) * 1e12 if peak else None
-
-    # --- module (init seed) ---------------------------------------------------------------
-    L.seed_everything(_seed(cfg, "init_seed"), workers=True, verbose=False)
-    chat = getattr(dm, "chat_template", None)
-    lit = LitGPT(
-        model_config=model_cfg,
-        tokenizer=tokenizer.to_dict(),
-        optim=optim,
-        data_meta=meta,
-        chat_template=chat.to_dict() if hasattr(chat, "to_dict") else chat,
-        nan_policy=str(cfg.nan_policy),
-    )
-    if cfg.ckpt_path:
-        _check_resume(Path(cfg.ckpt_path), lit.model.config.to_dict())
-    if cfg.init_from:
-        from tinyllm.checkpoint import model_from_checkpoint, read_checkpoint
-
-        src = model_from_checkpoint(read_checkpoint(cfg.init_from), cfg.init_from)
-        if src.config.to_dict() != lit.model.config.to_dict():
-            raise TinyLLMError(
-                f"init_from={cfg.init_from} holds a model with a different config than this "
-                "run's `model` (size, parts or vocab differ). Fine-tuning keeps the "
-                "architecture: use the same model=/norm=/activation=/pos= as the checkpoint."
-            )
-        lit.model.load_state_dict(src.state_dict())
-    n_params = lit.model.num_params()
-    _print(
-        f"tinyllm: {n_params / 1e6:.2f}M parameters | {model_cfg['n_layer']} layers x "
-        f"{model_cfg['n_embd']} wide, {model_cfg['norm']}/{model_cfg['activation']}/"
-        f"{model_cfg['pos']} | vocab {model_cfg['vocab_size']} | {accel} x{world} | "
-        f"{precision} | {max_steps} steps | run dir {run_dir}"
-    )
-    if cfg.compile:
-        lit.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
-
-    extra = {
-        "overrides": list(hc.overrides.task),
-        "precision": precision,
-        "devices": world,
-        "cpu_allocator": allocator,
-        "config": {"model": model_cfg, "optim": optim, "batch_size": int(cfg.batch_size)},
-    }
-    callbacks, metrics = _callbacks(cfg, run_dir, dm, tokenizer, peak_flops, extra)
-    loggers: list = []
-    if cfg.logger.name == "tensorboard":
-        loggers.append(
-            TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)
-        )
-
-    # --- processes ------------------------------------------------------------------------
-    workers = None
-    strategy = cfg.trainer.strategy
-    if world > 1 and strategy == "auto":
-        strategy = "ddp"
-    if n_local > 1 and not externally_launched():
-        job_cfg_dir = run_dir / ".tinyllm"
-        job_cfg_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, job_cfg_dir / "ddp_job.yaml")
-        args = [
-            "--config-dir", str(job_cfg_dir), "--config-name", "ddp_job",
-            f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
-            "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-        ]  # fmt: skip
-        workers = launch_workers(n_local, "tinyllm.train", args, cwd=os.getcwd())
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_local))
-
-        def on_failure(rank: int, rc: int) -> None:
-            msg = f"DDP worker rank {rank} exited with code {rc}; stopping the run."
-            print(f"tinyllm: {msg}", file=sys.stderr, flush=True)
-            _write_failed(msg)
-            os._exit(1)
-
-        workers.watch(on_failure)
-
-    tkw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    tkw.update(
-        accelerator=accel,
-        strategy=strategy,
-        precision=precision,
-        max_steps=max_steps,
-        logger=loggers or False,
-        callbacks=callbacks,
-        default_root_dir=str(run_dir),
-        use_distributed_sampler=False,  # our samplers shard by rank themselves
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-    )
-    if tkw.get("profiler") is None:  # (+trainer.profiler=simple|advanced|pytorch still works)
-        from tinyllm.callbacks import NoOpProfiler
-
-        tkw["profiler"] = NoOpProfiler()
-    if tkw.get("limit_val_batches") is None:
-        tkw.pop("limit_val_batches")
-    if max_time_s:  # the budget caps the run (the schedule follows it, see LitGPT)
-        tkw["max_time"] = {"seconds": float(max_time_s)}
-    if tkw.get("max_time") is None:
-        tkw.pop("max_time")
-    vci = tkw.get("val_check_interval")
-    if isinstance(vci, int) and vci > max_steps:
-        tkw["val_check_interval"] = max_steps  # always validate at least at the end
-    trainer = L.Trainer(**tkw)
-    if loggers and rank_zero:
-        loggers[0].log_hyperparams(
-            _flat_hparams(cfg, model_cfg, n_params), {"hp/val_bpb": float("nan")}
-        )
-
-    try:
-        trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path)
-        if lit.last_val_step != trainer.global_step and not trainer.interrupted:
-            # stopped between validations (a time budget): score the final weights too
-            trainer.validate(lit, datamodule=dm, verbose=False)
-            metrics.write(trainer, lit, "completed")
-            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-        if workers is not None:
-            workers.wait()
-    except BaseException as e:
-        if workers is not None:
-            workers.kill()
-        if rank_zero:
-            metrics.write(trainer, lit, "failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        clear_launch_env()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    final = dict(metrics.data)
-    if rank_zero:
-        bpb = final.get("val/bpb")
-        tps = final.get("train/tokens_per_s")
-        _print(
-            f"tinyllm: done | step {final.get('step')} | val/bpb "
-            f"{bpb if bpb is None else round(bpb, 4)} | val/loss "
-            f"{_r(final.get('val/loss'))} | {_r(tps, 0)} tokens/s | "
-            f"checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}"
-        )
-    return final
-
-
-def _cpu_allocator(cfg: DictConfig, accel: str) -> str:
-    """Apply perf.cpu_allocator on CPU runs (tinyllm/runtime.py); returns what was done."""
-    choice = str(cfg.perf.get("cpu_allocator", "tuned"))
-    if choice not in ("tuned", "default"):
-        raise TinyLLMError(
-            f"perf.cpu_allocator={choice!r}: use 'tuned' (glibc keeps freed step buffers for "
-            "reuse; faster CPU training) or 'default' (the C library's own settings)."
-        )
-    if accel != "cpu" or choice == "default":
-        return "default"
-    from tinyllm.runtime import allocator_status, tune_cpu_allocator
-
-    tune_cpu_allocator()
-    return allocator_status()
-
-
 def _r(v: Any, nd: int = 4) -> Any:
     return None if v is None else round(float(v), nd)
 
@@ -536,7 +574,7 @@ def _r(v: Any, nd: int = 4) -> Any:
 def _flat_hparams(cfg: DictConfig, model_cfg: dict, n_params: int) -> dict[str, Any]:
     """The hparams table in TensorBoard: the swept choices and the run's headline numbers."""
     hp: dict[str, Any] = {f"model/{k}": v for k, v in model_cfg.items() if k != "extra"}
-    hp.update({f"optim/{k}": v for k, v in OmegaConf.to_container(cfg.optim).items()})
+    hp.update({f"optim/{k}": v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()})
     hp.update(
         data=str(cfg.data.name), seed=int(cfg.seed), batch_size=int(cfg.batch_size),
         params=n_params,
@@ -544,37 +582,34 @@ def _flat_hparams(cfg: DictConfig, model_cfg: dict, n_params: int) -> dict[str, 
     return {k: ("none" if v is None else v) for k, v in hp.items()}
 
 
-def _fail(msg: str, multirun: bool) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    if not multirun:
-        sys.exit(2)
+# --------------------------------------------------------------------------------------------
+# The entry point
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """One run (or one job of a sweep). A user error is one paragraph and exit code 2; in a
+    sweep a failed job is marked failed in its metrics.json and the others go on."""
     from hydra.types import RunMode
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        final = run(cfg)
-    except TinyLLMError as e:
-        _write_failed(str(e))
-        _fail(str(e), multirun)
-        return None
-    except Exception as e:
-        from tinyllm.module import DivergenceError
+    from tinyllm.module import DivergenceError
 
-        _write_failed(f"{type(e).__name__}: {e}")
-        if isinstance(e, DivergenceError):
-            _fail(f"the run diverged: {e}", multirun)
-            return None
-        if not multirun:
-            raise
-        # In a sweep, one broken run must not take the others down: it is marked failed.
-        traceback.print_exc()
-        return None
-    bpb = final.get("val/bpb")
-    return float(bpb) if bpb is not None else None
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    final: dict[str, Any] = {}
+    with exit_on_user_error(on_error=_write_failed, exit=not sweep):
+        try:
+            final = run(cfg)
+        except DivergenceError as e:
+            raise TinyLLMError(f"the run diverged: {e}") from None
+        except Exception as e:
+            _write_failed(f"{type(e).__name__}: {e}")
+            if not sweep:
+                raise
+            traceback.print_exc()  # one broken job must not take the sweep down
+    score = final.get("val/bpb")  # (what a Hydra optimizing sweeper minimizes)
+    if score is None:
+        score = final.get("val/bits_per_token")
+    return float(score) if score is not None else None
 
 
 def _write_failed(error: str) -> None:
@@ -583,7 +618,7 @@ def _write_failed(error: str) -> None:
         return
     import json
 
-    from tinyllm.callbacks import write_json_atomic
+    from tinyllm.io import write_json_atomic
 
     try:
         path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"

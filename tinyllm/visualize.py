@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
+from tinyllm.io import atomic_write, unwrap_compiled
 from tinyllm.model import GPT
 
 
 @torch.no_grad()
 def attention_maps(model: GPT, ids: Sequence[int]) -> list[torch.Tensor]:
     """Attention weights per layer, each (n_head, T, T), for one sequence of token ids."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_compiled(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -88,15 +89,7 @@ def render_attention(
     fig.supylabel("query (attending)", fontsize=9)
     fig.tight_layout()
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, lambda p: fig.savefig(p, format="png"))
 
 
 def visualize(

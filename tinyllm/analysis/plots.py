@@ -5,13 +5,13 @@ Every figure is written to a temporary name and renamed, so a crash never leaves
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tinyllm.analysis.stats import ConfigSummary, Curve, PowerLawFit
+from tinyllm.io import atomic_write
 
 
 def _pyplot():
@@ -24,10 +24,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
 
 
 def _zoom(ax, curves: Sequence[Curve], x: str) -> None:

@@ -1,7 +1,8 @@
 """Data: corpus sources -> prepare (text -> token bins) -> TokenBinDataModule; Q&A formatting.
 
 Read in this order: sources.py (where text comes from), prepare.py (text -> train.bin/val.bin
-+ meta.json), datamodule.py (bins -> (x, y) batches on one process or many).
++ meta.json), datamodule.py (bins -> (x, y) batches on one process or many); protocol.py is
+what train.py asks of any DataModule (qa.py, the Q&A one, implements it too).
 Names are imported lazily so `import tinyllm.data` does not pull in Lightning.
 """
 
@@ -11,6 +12,8 @@ from typing import Any
 
 _LAZY = {
     "TokenBinDataModule": "tinyllm.data.datamodule",
+    "DataSettings": "tinyllm.data.protocol",
+    "TrainingData": "tinyllm.data.protocol",
     "prepare_data": "tinyllm.data.prepare",
     "default_data_dir": "tinyllm.data.prepare",
     "read_meta": "tinyllm.data.prepare",

@@ -19,7 +19,8 @@ DataLoader runs with batch_size=None so nothing is collated.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tinyllm.data.prepare import read_meta
+from tinyllm.data.prepare import default_data_dir, prepare_data, read_meta
+from tinyllm.data.protocol import DataSettings
 from tinyllm.errors import TinyLLMError
 
 
@@ -305,8 +307,39 @@ class TokenBinDataModule(L.LightningDataModule):
             self._tokenizer = tok
         return self._tokenizer
 
-    def check_compatible(self, vocab_size: int, block_size: int) -> None:
-        """Raise TinyLLMError unless a model with these sizes can train on these bins."""
+    @classmethod
+    def from_config(cls, settings: DataSettings, **data_cfg: Any) -> TokenBinDataModule:
+        """The builder of conf/data/<corpus>.yaml: prepare the corpus (rank zero, once; reused
+        when its content hash matches) and open its bins. `data_cfg` is the `data` group."""
+        if settings.data_dir:  # an already prepared folder: used as it is, never written to
+            out = Path(settings.data_dir)
+        else:
+            out = default_data_dir(data_cfg, settings.tokenizer, settings.data_root)
+            if settings.rank_zero:
+                # Our own workers start after this, so the bins exist before any opens them.
+                out = prepare_data(data_cfg, settings.tokenizer, out, settings.force_prepare)
+            else:
+                # Under SLURM/torchrun every rank starts at once: wait for rank zero's prepare.
+                _wait_for(out / "meta.json")
+        return cls(
+            out,
+            block_size=settings.block_size,
+            batch_size=settings.batch_size,
+            num_workers=settings.num_workers,
+            seed=settings.seed,
+            val_windows=settings.val_windows,
+        )
+
+    @property
+    def chat_template(self) -> None:
+        return None  # plain text: no template
+
+    def callbacks(self) -> list[L.Callback]:
+        return []
+
+    def check_compatible(self, model_config: Mapping[str, Any]) -> None:
+        """Raise TinyLLMError unless a model of this config can train on these bins."""
+        vocab_size, block_size = model_config["vocab_size"], model_config["block_size"]
         need = int(self.meta["vocab_size"])
         if int(vocab_size) < need:
             raise TinyLLMError(
@@ -368,27 +401,16 @@ class TokenBinDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> TrainBatches:
         rank, world = self._rank_world()
-        return TrainBatches(
-            self.data_dir / "train.bin",
-            self.meta["dtype"],
-            self.block_size,
-            self.batch_size,
-            self.seed,
-            rank,
-            world,
-        )
+        size = (self.block_size, self.batch_size)
+        return TrainBatches(self._bin("train"), self.meta["dtype"], *size, self.seed, rank, world)
 
     def val_dataset(self) -> ValBatches:
         rank, world = self._rank_world()
-        return ValBatches(
-            self.data_dir / "val.bin",
-            self.meta["dtype"],
-            self.block_size,
-            self.batch_size,
-            self.val_windows,
-            rank,
-            world,
-        )
+        size = (self.block_size, self.batch_size)
+        return ValBatches(self._bin("val"), self.meta["dtype"], *size, self.val_windows, rank, world)
+
+    def _bin(self, split: str) -> Path:
+        return self.data_dir / f"{split}.bin"
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
@@ -439,3 +461,14 @@ class TokenBinDataModule(L.LightningDataModule):
         self._loaded_position = int(state.get("position", 0))
         if self._sampler is not None:
             self._sampler.position = self._loaded_position
+
+
+def _wait_for(path: Path, timeout_s: float = 6 * 3600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TinyLLMError(
+                f"Waited {timeout_s:.0f} s for rank zero to prepare {path.parent}. Prepare the "
+                "data once beforehand (`python -m tinyllm.prepare ...`) and pass data_dir=."
+            )
+        time.sleep(2.0)

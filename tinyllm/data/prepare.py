@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -38,12 +38,14 @@ from tinyllm.data.sources import (
     Progress,
     ScanResult,
     Source,
+    cfg_get,
     get_source,
     iter_pieces,
     scan,
     sha256_file,
 )
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import write_text_atomic
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -59,13 +61,6 @@ META_KEYS = (
 )
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TRAIN_CHARS = 20_000_000  # tokenizer training sample cap (BPE training is the slow part)
-
-
-def _get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    value = cfg.get(key, default)
-    return default if value is None else value
 
 
 def _plain(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -91,9 +86,9 @@ def default_data_dir(
     data_cfg: Mapping[str, Any], tokenizer_cfg: Mapping[str, Any], data_root: str | Path = "data"
 ) -> Path:
     """data/<name>-<vocab_size>, or data/<name>-<tokenizer file stem> for tokenizer.path."""
-    name = _get(data_cfg, "name") or _get(data_cfg, "source", "data")
-    tpath = _get(tokenizer_cfg, "path")
-    suffix = Path(str(tpath)).stem if tpath else str(_get(tokenizer_cfg, "vocab_size", 4096))
+    name = cfg_get(data_cfg, "name") or cfg_get(data_cfg, "source", "data")
+    tpath = cfg_get(tokenizer_cfg, "path")
+    suffix = Path(str(tpath)).stem if tpath else str(cfg_get(tokenizer_cfg, "vocab_size", 4096))
     return Path(data_root) / f"{name}-{suffix}"
 
 
@@ -157,7 +152,7 @@ def _plan_split(
     data_cfg: Mapping[str, Any], res: ScanResult, chars_per_token: float | None
 ) -> dict[str, Any]:
     """-> {"method", "val_docs" (document) | "cut" (position), "val_chars"}."""
-    method = _get(data_cfg, "split", "auto")
+    method = cfg_get(data_cfg, "split", "auto")
     if method not in ("auto", "document", "position"):
         raise TinyLLMError(
             f"data.split={method!r} is not a split method; use auto (position for one "
@@ -169,8 +164,8 @@ def _plan_split(
             f"({len(res.empty)} empty, {len(res.binary)} binary, {len(res.bad_utf8)} "
             "non-UTF-8 files). Check data.path, or data.bad_files=replace."
         )
-    val_tokens = _get(data_cfg, "val_tokens")
-    val_fraction = _get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION)
+    val_tokens = cfg_get(data_cfg, "val_tokens")
+    val_fraction = cfg_get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION)
     if val_tokens is not None:
         val_chars = int(round(float(val_tokens) * (chars_per_token or 4.0)))
     else:
@@ -203,7 +198,7 @@ def _plan_split(
             "data.split=position (the last val_fraction of the text) or a data.separator."
         )
     # a seeded random set of whole documents: representative, and no document is in both
-    order = np.random.default_rng(int(_get(data_cfg, "split_seed", 1337))).permutation(
+    order = np.random.default_rng(int(cfg_get(data_cfg, "split_seed", 1337))).permutation(
         res.documents
     )
     val_docs, total = set(), 0
@@ -300,7 +295,8 @@ def _run_tasks(
 # the tokenizer
 
 
-def _load_tokenizer(path: str, tokenizer_cfg: Mapping[str, Any]) -> Any:
+def open_tokenizer(path: str, tokenizer_cfg: Mapping[str, Any]) -> Any:
+    """tokenizer.path: any tokenizer file load_tokenizer reads (tinyllm JSON, HF, .tiktoken)."""
     from tinyllm.tokenizer import load_tokenizer
 
     p = Path(os.path.expanduser(path))
@@ -309,17 +305,16 @@ def _load_tokenizer(path: str, tokenizer_cfg: Mapping[str, Any]) -> Any:
             f"tokenizer.path={path} is not a file. Point it at a tokenizer.json written by "
             "tinyllm (or a .tiktoken ranks file), or leave it null to train a tokenizer."
         )
-    specials = _plain(_get(tokenizer_cfg, "special_tokens")) or None
-    return load_tokenizer(p, pattern=_get(tokenizer_cfg, "pattern", "gpt2"), special_tokens=specials)
+    specials = _plain(cfg_get(tokenizer_cfg, "special_tokens")) or None
+    pattern = cfg_get(tokenizer_cfg, "pattern", "gpt2")
+    return load_tokenizer(p, pattern=pattern, special_tokens=specials)
 
 
 def _train_tokenizer(
     source: Source, res: ScanResult, tokenizer_cfg: Mapping[str, Any], plan: dict | None
 ) -> Any:
     """BPE on the training text (or, with plan=None, all text), capped at train_chars."""
-    from tinyllm.tokenizer import BPETokenizer
-
-    cap = int(_get(tokenizer_cfg, "train_chars", DEFAULT_TRAIN_CHARS))
+    cap = int(cfg_get(tokenizer_cfg, "train_chars", DEFAULT_TRAIN_CHARS))
     train_chars = res.chars - (plan["val_chars"] if plan else 0)
     # take every k-th document so a capped sample still spans the whole corpus
     every = max(1, int(np.ceil(train_chars / cap))) if cap > 0 else 1
@@ -347,15 +342,34 @@ def _train_tokenizer(
         if parts:
             yield "".join(parts)
 
-    vocab_size = int(_get(tokenizer_cfg, "vocab_size", 4096))
-    pattern = _get(tokenizer_cfg, "pattern", "gpt4")
-    specials = _get(tokenizer_cfg, "special_tokens")
+    return train_tokenizer(sample(), tokenizer_cfg)
+
+
+def train_tokenizer(texts: Iterable[str], tokenizer_cfg: Mapping[str, Any]) -> Any:
+    """BPE by the `tokenizer` group's settings (vocab_size, pattern, special_tokens): the one
+    tokenizer-training path, for corpora (above) and Q&A files (data/qa.py) alike."""
+    from tinyllm.tokenizer import BPETokenizer
+
+    vocab_size = int(cfg_get(tokenizer_cfg, "vocab_size", 4096))
+    pattern = cfg_get(tokenizer_cfg, "pattern", "gpt4")
+    specials = cfg_get(tokenizer_cfg, "special_tokens")
     specials = list(specials) if specials is not None else None
     t0 = time.perf_counter()
     print(f"training a BPE tokenizer: vocab_size={vocab_size} pattern={pattern}", file=sys.stderr)
-    tok = BPETokenizer.train(sample(), vocab_size, pattern=pattern, special_tokens=specials)
+    tok = BPETokenizer.train(texts, vocab_size, pattern=pattern, special_tokens=specials)
     print(f"  done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return tok
+
+
+def tokenizer_meta(tok: Any) -> dict[str, Any]:
+    """The head of every meta (meta.json, and the Q&A data's): format, ids, tokenizer hash."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": token_dtype(tok.vocab_size),
+        "vocab_size": tok.vocab_size,
+        "tokenizer_sha256": tok.sha256(),
+        "eos_id": tok.eos_id,
+    }
 
 
 def _starts(pieces: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
@@ -416,16 +430,10 @@ def prepare_data(
     """
     out_dir = Path(out_dir)
     source = get_source(data_cfg)
-    bad_files = _get(data_cfg, "bad_files", "replace")
+    bad_files = cfg_get(data_cfg, "bad_files", "replace")
     res = scan(source, bad_files)
-    if res.empty or res.binary or res.bad_utf8:
-        action = "replaced invalid bytes in" if bad_files == "replace" else "skipped"
-        print(
-            f"bad files: {len(res.empty)} empty and {len(res.binary)} binary skipped, "
-            f"{len(res.bad_utf8)} not UTF-8 ({action} those; data.bad_files=replace|skip|error)",
-            file=sys.stderr,
-        )
-    tpath = _get(tokenizer_cfg, "path")
+    _note_bad_files(res, bad_files)
+    tpath = cfg_get(tokenizer_cfg, "path")
     tok_file_sha = (
         sha256_file(os.path.expanduser(str(tpath)))
         if tpath and Path(os.path.expanduser(str(tpath))).is_file()
@@ -438,29 +446,92 @@ def prepare_data(
         return out_dir
 
     # the tokenizer, and the split (which, for val_tokens, needs the tokenizer's chars/token)
-    val_tokens = _get(data_cfg, "val_tokens")
+    val_tokens = cfg_get(data_cfg, "val_tokens")
     plan = None if val_tokens is not None else _plan_split(data_cfg, res, None)
-    tok = _load_tokenizer(str(tpath), tokenizer_cfg) if tpath else None
+    tok = open_tokenizer(str(tpath), tokenizer_cfg) if tpath else None
     if tok is None:
         tok = _train_tokenizer(source, res, tokenizer_cfg, plan)
     if plan is None:
         plan = _plan_split(data_cfg, res, _chars_per_token(tok, source, res))
-    dtype = token_dtype(tok.vocab_size)
-    eos = tok.eos_id
-    if eos is None:
-        warnings.warn(
-            "the tokenizer has no EOS token: documents are concatenated without a separator.",
-            stacklevel=2,
-        )
     workers = int(num_workers) if num_workers else (len(os.sched_getaffinity(0)) or 1)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # meta.json goes first, so a crash from here on leaves a folder that reads as incomplete
     (out_dir / "meta.json").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    stats = _write_bins(out_dir, source, res, plan, tok, workers)
+    tok.save(out_dir / "tokenizer.json")
+    elapsed = time.perf_counter() - t0
+    meta = {
+        **tokenizer_meta(tok),
+        "splits": stats,
+        **_provenance(data_cfg, source, res, plan, bad_files),
+        "config_hash": config_hash,
+        "created_by": _created_by(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "encode_seconds": round(elapsed, 3),
+        "num_workers": workers,
+    }
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    tr, va = stats["train"], stats["val"]
+    print(
+        f"wrote {out_dir}: train {tr['tokens']:,} tokens ({tr['documents']} docs), val "
+        f"{va['tokens']:,} tokens ({va['documents']} docs), {token_dtype(tok.vocab_size)}, "
+        f"vocab {tok.vocab_size}, "
+        f"{res.bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s",
+        file=sys.stderr,
+    )
+    return out_dir
+
+
+def _provenance(
+    data_cfg: Mapping[str, Any], source: Source, res: ScanResult, plan: dict, bad_files: str
+) -> dict[str, Any]:
+    """meta.json's record of how the split was made and where the text came from."""
+    val_tokens = cfg_get(data_cfg, "val_tokens")
+    return {
+        "split": {
+            "method": plan["method"],
+            "val_fraction": None
+            if val_tokens is not None
+            else cfg_get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION),
+            "val_tokens_requested": val_tokens,
+        },
+        "source": {
+            "name": cfg_get(data_cfg, "name", source.name),
+            "kind": source.kind,
+            **source.info,
+            **res.report(),
+            "bad_files_policy": bad_files,
+        },
+    }
+
+
+def _note_bad_files(res: ScanResult, bad_files: str) -> None:
+    if res.empty or res.binary or res.bad_utf8:
+        action = "replaced invalid bytes in" if bad_files == "replace" else "skipped"
+        print(
+            f"bad files: {len(res.empty)} empty and {len(res.binary)} binary skipped, "
+            f"{len(res.bad_utf8)} not UTF-8 ({action} those; data.bad_files=replace|skip|error)",
+            file=sys.stderr,
+        )
+
+
+def _write_bins(
+    out_dir: Path, source: Source, res: ScanResult, plan: dict, tok: Any, workers: int
+) -> dict[str, dict[str, int]]:
+    """Encode in parallel into temporary bins, renamed into place once both are whole;
+    returns tokens, bytes and documents per split."""
+    dtype = token_dtype(tok.vocab_size)
+    eos = tok.eos_id
+    if eos is None:
+        warnings.warn(
+            "the tokenizer has no EOS token: documents are concatenated without a separator.",
+            stacklevel=3,
+        )
     tmp = {s: out_dir / f".{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
     stats = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in SPLITS}
     eos_bytes = np.asarray([eos if eos is not None else 0], dtype=dtype).tobytes()
-    t0 = time.perf_counter()
     try:
         files = {s: open(tmp[s], "wb") for s in SPLITS}  # noqa: SIM115 (closed below)
         try:
@@ -494,46 +565,7 @@ def prepare_data(
     finally:
         for p in tmp.values():
             p.unlink(missing_ok=True)
-    tok.save(out_dir / "tokenizer.json")
-    elapsed = time.perf_counter() - t0
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype,
-        "vocab_size": tok.vocab_size,
-        "tokenizer_sha256": tok.sha256(),
-        "eos_id": eos,
-        "splits": stats,
-        "split": {
-            "method": plan["method"],
-            "val_fraction": None
-            if val_tokens is not None
-            else _get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION),
-            "val_tokens_requested": val_tokens,
-        },
-        "source": {
-            "name": _get(data_cfg, "name", source.name),
-            "kind": source.kind,
-            **source.info,
-            **res.report(),
-            "bad_files_policy": bad_files,
-        },
-        "config_hash": config_hash,
-        "created_by": _created_by(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "encode_seconds": round(elapsed, 3),
-        "num_workers": workers,
-    }
-    tmp_meta = out_dir / f".meta.json.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_meta, out_dir / "meta.json")
-    tr, va = stats["train"], stats["val"]
-    print(
-        f"wrote {out_dir}: train {tr['tokens']:,} tokens ({tr['documents']} docs), val "
-        f"{va['tokens']:,} tokens ({va['documents']} docs), {dtype}, vocab {tok.vocab_size}, "
-        f"{res.bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s",
-        file=sys.stderr,
-    )
-    return out_dir
+    return stats
 
 
 def _chars_per_token(tok: Any, source: Source, res: ScanResult, sample: int = 1 << 20) -> float:

@@ -21,9 +21,6 @@ trainer can report `exact_match` of greedy answers on held-out questions.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,184 +33,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tinyllm.chat import (
     IGNORE_INDEX,
-    ROLES,
     ChatTemplate,
     Message,
     TokenizerLike,
     as_messages,
 )
+from tinyllm.data.protocol import DataSettings
+from tinyllm.data.qa_records import _EXAMPLE, load_qa_records
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import sha256_file
 from tinyllm.sampling import greedy_answer_ids
 
 if TYPE_CHECKING:
     from tinyllm.tokenizer import BPETokenizer
-
-_EXAMPLE = (
-    '[{"question": "Who are you?", "answer": "I am TinyLLM."}] or, as JSON Lines, one '
-    '{"question": ..., "answer": ...} per line'
-)
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_qa_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a Q&A file; return records as {"messages": [...], "id"?: ...}.
-
-    A pair becomes a user and an assistant message. Raises TinyLLMError naming the file, the
-    record (and line) and the fix for every kind of bad input.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TinyLLMError(
-            f"Q&A file {str(path)!r} does not exist (or is not a file). Fix `data.path=` to "
-            f"point at a JSON array or JSON Lines file of records like {_EXAMPLE}."
-        )
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
-    except UnicodeDecodeError as e:
-        raise TinyLLMError(
-            f"Q&A file {str(path)!r} is not UTF-8 text ({e}). Fix: save it as UTF-8."
-        ) from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise TinyLLMError(f"Q&A file {str(path)!r} is empty. Fix: add records like {_EXAMPLE}.")
-    if stripped[0] == "[":
-        raw = _parse_array(path, text)  # [(record, where)]
-    else:
-        raw = _parse_jsonl(path, text)
-    if not raw:
-        raise TinyLLMError(
-            f"Q&A file {str(path)!r} holds no records. Fix: add records like {_EXAMPLE}."
-        )
-    return [_validate_record(path, rec, where) for rec, where in raw]
-
-
-def _parse_array(path: Path, text: str) -> list[tuple[Any, str]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TinyLLMError(
-            f"Q&A file {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}, column "
-            f"{e.colno}. Fix the JSON there (a common cause is a missing comma between records "
-            "or a trailing comma before `]`)."
-        ) from None
-    if not isinstance(data, list):
-        raise TinyLLMError(
-            f"Q&A file {str(path)!r} must hold a JSON array of records. Fix: write records "
-            f"like {_EXAMPLE}."
-        )
-    lines = _array_item_lines(text, len(data))
-    return [(rec, f"record {i + 1} (line {lines[i]})") for i, rec in enumerate(data)]
-
-
-def _array_item_lines(text: str, n: int) -> list[int]:
-    """Line number where each element of a (valid) top-level JSON array starts."""
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    starts = []
-    for _ in range(n):
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        starts.append(pos)
-        _, pos = dec.raw_decode(text, pos)
-    return [text.count("\n", 0, s) + 1 for s in starts]
-
-
-def _parse_jsonl(path: Path, text: str) -> list[tuple[Any, str]]:
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue  # blank lines between records are harmless
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TinyLLMError(
-                f"Q&A file {str(path)!r}, line {lineno}, column {e.colno}: invalid JSON "
-                f"({e.msg}). Fix that line. The file is read as JSON Lines (one record per "
-                "line) because it does not start with `[`; for a pretty-printed file, wrap the "
-                "records in a JSON array `[...]`."
-            ) from None
-        out.append((rec, f"record {len(out) + 1} (line {lineno})"))
-    return out
-
-
-def _validate_record(path: Path, rec: Any, where: str) -> dict[str, Any]:
-    at = f"Q&A file {str(path)!r}, {where}"
-    if not isinstance(rec, dict):
-        raise TinyLLMError(
-            f"{at}: a record must be a JSON object, got {type(rec).__name__} ({_short(rec)}). "
-            f"Fix: write records like {_EXAMPLE}."
-        )
-    if "id" in rec:
-        at += f" (id {_short(rec['id'])})"
-    if "messages" in rec:
-        return {"messages": _validate_messages(at, rec["messages"]), **_keep_id(rec)}
-    for key in ("question", "answer"):
-        if key not in rec:
-            raise TinyLLMError(
-                f"{at}: missing `{key}` (keys present: {sorted(rec)}). Fix: give every record "
-                'a `question` and an `answer` string, or a `messages` list of {"role", '
-                '"content"} turns.'
-            )
-        _check_text(at, f"`{key}`", rec[key])
-    messages = [
-        {"role": "user", "content": rec["question"]},
-        {"role": "assistant", "content": rec["answer"]},
-    ]
-    return {"messages": messages, **_keep_id(rec)}
-
-
-def _validate_messages(at: str, messages: Any) -> list[Message]:
-    if not isinstance(messages, list) or not messages:
-        raise TinyLLMError(
-            f'{at}: `messages` must be a non-empty list of {{"role", "content"}} objects, got '
-            f"{_short(messages)}. Fix: list the turns, e.g. "
-            '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}].'
-        )
-    out: list[Message] = []
-    for i, m in enumerate(messages, 1):
-        here = f"{at}, message {i}"
-        if not isinstance(m, dict):
-            raise TinyLLMError(
-                f'{here}: must be an object {{"role": ..., "content": ...}}, got {_short(m)}. '
-                "Fix: write each turn as such an object."
-            )
-        role = m.get("role")
-        if role not in ROLES:
-            raise TinyLLMError(
-                f"{here}: unknown role {_short(role)}. Fix: use one of {list(ROLES)} "
-                "(e.g. `user` for the question, `assistant` for the answer)."
-            )
-        if "content" not in m:
-            raise TinyLLMError(f"{here}: missing `content`. Fix: add the message text.")
-        _check_text(here, "`content`", m["content"])
-        out.append({"role": role, "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise TinyLLMError(
-            f"{at}: the conversation has no `assistant` message, so there is nothing to learn "
-            "(the loss covers answers only). Fix: add the answer as an assistant message."
-        )
-    return out
-
-
-def _check_text(at: str, name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise TinyLLMError(
-            f"{at}: {name} must be a string, got {type(value).__name__} ({_short(value)}). "
-            'Fix: quote it, e.g. "42".'
-        )
-    if not value.strip():
-        raise TinyLLMError(f"{at}: {name} is empty. Fix: write the text, or drop the record.")
-
-
-def _keep_id(rec: Mapping[str, Any]) -> dict[str, Any]:
-    return {"id": rec["id"]} if "id" in rec else {}
-
-
-def _short(v: Any, n: int = 60) -> str:
-    s = repr(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
 
 # ---------------------------------------------------------------------------- split/encode
 
@@ -372,11 +204,11 @@ def train_qa_tokenizer(
 ) -> BPETokenizer:
     """Train a BPE tokenizer (with the default <|bos|>/<|eos|>/<|pad|> specials) on the
     rendered conversations, for training on Q&A data from scratch."""
-    from tinyllm.tokenizer import BPETokenizer
+    from tinyllm.data.prepare import train_tokenizer
 
     tmpl = ChatTemplate.coerce(template)
     texts = [tmpl.render_text(r) for r in records]
-    return BPETokenizer.train(texts, vocab_size, pattern=pattern)
+    return train_tokenizer(texts, {"vocab_size": vocab_size, "pattern": pattern})
 
 
 # ---------------------------------------------------------------------------- datamodule
@@ -444,14 +276,7 @@ class QADataModule(L.LightningDataModule):
                 f"block_size={self.block_size} tokens. Fix: raise `model.block_size` or "
                 "shorten the questions."
             )
-        for split, st in (("train", train_stats), ("val", val_stats)):
-            if st["truncated"] or st["dropped"]:
-                rank_zero_warn(
-                    f"Q&A {split} split of {str(self.path)!r}: {st['truncated']} example(s) "
-                    f"longer than block_size+1={self.block_size + 1} tokens were cut (their "
-                    f"answers lose their end), {st['dropped']} dropped (no answer token left). "
-                    "Raise `model.block_size` to keep them whole."
-                )
+        self._warn_cut({"train": train_stats, "val": val_stats})
         self.stats = {"train": train_stats, "val": val_stats}
         self.train_dataset = QADataset(train_ex, self.block_size, self.pad_id, self.pack)
         self.val_dataset = QADataset(val_ex, self.block_size, self.pad_id, self.pack)
@@ -461,40 +286,49 @@ class QADataModule(L.LightningDataModule):
     @classmethod
     def from_config(
         cls,
-        cfg: Mapping[str, Any],
-        tokenizer: BPETokenizer | None,
-        block_size: int,
-        batch_size: int,
-        tokenizer_cfg: Mapping[str, Any] | None = None,
-        **overrides: Any,
+        settings: DataSettings,
+        path: str | None = None,
+        val_fraction: float = 0.1,
+        val_count: int | None = None,
+        pack: bool = False,
+        num_workers: int = 0,
+        template: Mapping[str, Any] | str | None = None,
+        name: str = "qa",
+        source: str = "qa",
     ) -> QADataModule:
-        """Build from the `data` config group (conf/data/qa.yaml); `name`/`source` ignored.
-
-        `tokenizer_cfg` (the `tokenizer` group: vocab_size, pattern) is used only when
-        `tokenizer` is None, to train one on the Q&A file.
-        """
-        skip = {"name", "source", "_target_"}
-        kwargs = {k: v for k, v in dict(cfg).items() if k not in skip}
-        if tokenizer is None and tokenizer_cfg:
-            kwargs.setdefault("vocab_size", tokenizer_cfg.get("vocab_size"))
-            kwargs.setdefault("tokenizer_pattern", tokenizer_cfg.get("pattern") or "gpt4")
-        if kwargs.get("path") in (None, "", "???"):
+        """The builder of conf/data/qa.yaml (its options are this signature's; `name` and
+        `source` only label the data). The tokenizer: the checkpoint's when fine-tuning
+        (`init_from`), else `tokenizer.path`, else one trained on the file (`tokenizer.*`)."""
+        if path in (None, "", "???"):
             raise TinyLLMError(
                 "data=qa needs the Q&A file: add `data.path=FILE` (a JSON array or JSON Lines "
                 f"of records like {_EXAMPLE})."
             )
-        if isinstance(kwargs.get("template"), Mapping):
-            kwargs["template"] = dict(kwargs["template"])
-        kwargs.update(overrides)
-        valid = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer"}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise TinyLLMError(
-                f"Unknown Q&A data option(s) {unknown}. Valid options are: {sorted(valid)}. "
-                "Fix conf/data/qa.yaml or the `data.<name>=` override."
-            )
-        kwargs.update(block_size=block_size, batch_size=batch_size)
-        return cls(tokenizer=tokenizer, **kwargs)
+        tok_cfg = settings.tokenizer
+        return cls(
+            path,
+            tokenizer=_given_tokenizer(settings),
+            block_size=settings.block_size,
+            batch_size=settings.batch_size,
+            val_fraction=val_fraction,
+            val_count=val_count,
+            seed=settings.seed,
+            pack=pack,
+            template=dict(template) if isinstance(template, Mapping) else template,
+            num_workers=num_workers,
+            vocab_size=tok_cfg.get("vocab_size"),
+            tokenizer_pattern=tok_cfg.get("pattern") or "gpt4",
+        )
+
+    def _warn_cut(self, stats: dict[str, dict[str, int]]) -> None:
+        for split, st in stats.items():
+            if st["truncated"] or st["dropped"]:
+                rank_zero_warn(
+                    f"Q&A {split} split of {str(self.path)!r}: {st['truncated']} example(s) "
+                    f"longer than block_size+1={self.block_size + 1} tokens were cut (their "
+                    f"answers lose their end), {st['dropped']} dropped (no answer token left). "
+                    "Raise `model.block_size` to keep them whole."
+                )
 
     def _meta(self, train_ex: Any, val_ex: Any) -> dict[str, Any]:
         def split_meta(examples: Any, n_records: int) -> dict[str, int]:
@@ -505,13 +339,13 @@ class QADataModule(L.LightningDataModule):
             n_bytes = len(self.tokenizer.decode(plain).encode("utf-8")) if plain else 0
             return {"tokens": len(targets), "bytes": n_bytes, "documents": n_records}
 
-        sha = getattr(self.tokenizer, "sha256", None)
+        from tinyllm.data.prepare import tokenizer_meta
+
         return {
+            **tokenizer_meta(self.tokenizer),
             "format": "qa",
             "path": str(self.path),
-            "source": {"path": str(self.path), "sha256": _file_sha256(self.path)},
-            "vocab_size": int(self.tokenizer.vocab_size),
-            "tokenizer_sha256": sha() if callable(sha) else None,
+            "source": {"path": str(self.path), "sha256": sha256_file(self.path)},
             "chat_template": self.template.to_dict(),
             "block_size": self.block_size,
             "pack": self.pack,
@@ -527,8 +361,15 @@ class QADataModule(L.LightningDataModule):
         """The template the examples were encoded with (store `.to_dict()` in checkpoints)."""
         return self.template
 
-    def check_compatible(self, vocab_size: int, block_size: int) -> None:
+    def callbacks(self) -> list[L.Callback]:
+        """Exact match of greedy answers to the held-out questions, at each validation."""
+        if not self.val_records:
+            return []
+        return [ExactMatchCallback(self.val_records, self.tokenizer, self.chat_template)]
+
+    def check_compatible(self, model_config: Mapping[str, Any]) -> None:
         """Raise when the model cannot take these batches (ids >= vocab, windows too long)."""
+        vocab_size, block_size = model_config["vocab_size"], model_config["block_size"]
         if self.max_token_id >= vocab_size:
             raise TinyLLMError(
                 f"The Q&A data uses token id {self.max_token_id} but the model's vocab_size is "
@@ -579,6 +420,20 @@ class QADataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, sampler)
 
 
+def _given_tokenizer(settings: DataSettings) -> BPETokenizer | None:
+    """The checkpoint's tokenizer (fine-tuning), or tokenizer.path's; None: train one."""
+    if settings.init_from:
+        from tinyllm.checkpoint import read_checkpoint, tokenizer_from_checkpoint
+
+        ckpt = read_checkpoint(settings.init_from)
+        return tokenizer_from_checkpoint(ckpt, settings.init_from)
+    if settings.tokenizer.get("path"):
+        from tinyllm.data.prepare import open_tokenizer
+
+        return open_tokenizer(str(settings.tokenizer["path"]), settings.tokenizer)
+    return None
+
+
 class _Shard(Sampler[int]):
     """Indices rank, rank + world, ... of n: a disjoint shard per rank, without padding."""
 
@@ -590,14 +445,6 @@ class _Shard(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- evaluation

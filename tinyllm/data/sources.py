@@ -37,6 +37,7 @@ from typing import Any
 import regex
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import sha256_file, write_text_atomic
 
 # Text inside a huge document is handed out in pieces of about this many bytes, so encoding
 # runs in parallel and memory stays bounded whatever the file size.
@@ -86,7 +87,8 @@ class Source:
     info: dict[str, Any] = field(default_factory=dict)  # path/url/sha256 for meta.json
 
 
-def _cfg_get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+def cfg_get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    """cfg[key], with None (absent or null) meaning `default`."""
     value = cfg.get(key, default) if cfg is not None else default
     return default if value is None else value
 
@@ -156,13 +158,13 @@ def resolve_text_paths(path: str, extensions: tuple[str, ...] | None = None) -> 
 
 
 def _text(cfg: Mapping[str, Any]) -> Source:
-    path = _cfg_get(cfg, "path")
+    path = cfg_get(cfg, "path")
     if not path:
         raise TinyLLMError(
             "data=text needs data.path=FILE|FOLDER|GLOB (the text to train on), e.g. "
             "`python -m tinyllm.prepare data=text data.path=notes/ tokenizer.vocab_size=2048`."
         )
-    exts = _cfg_get(cfg, "extensions")
+    exts = cfg_get(cfg, "extensions")
     files = resolve_text_paths(str(path), tuple(exts) if exts else None)
     base = Path(os.path.expanduser(str(path)))
 
@@ -171,8 +173,8 @@ def _text(cfg: Mapping[str, Any]) -> Source:
             name = f.relative_to(base).as_posix() if base.is_dir() else str(f)
             yield Unit(name=name, path=f)
 
-    name = _cfg_get(cfg, "name", "text")
-    return Source(name, "text", units, _cfg_get(cfg, "separator"), info={"path": str(path)})
+    name = cfg_get(cfg, "name", "text")
+    return Source(name, "text", units, cfg_get(cfg, "separator"), info={"path": str(path)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,14 +208,6 @@ def cache_dir() -> Path:
     """$TINYLLM_CACHE, else ~/.cache/tinyllm."""
     env = os.environ.get("TINYLLM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tinyllm"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(READ_BYTES):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Progress:
@@ -340,9 +334,7 @@ def download(
         )
     os.replace(part, dest)
     if expected is None:
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(got + "\n")
-        os.replace(tmp, record)
+        write_text_atomic(record, got + "\n")
         warnings.warn(
             f"{url} has no published sha256 in tinyllm; recorded {got} in {record} (trust on "
             "first use) and later runs check against it.",
@@ -354,12 +346,12 @@ def download(
 def _known(kind: str) -> Callable[[Mapping[str, Any]], Source]:
     def make(cfg: Mapping[str, Any]) -> Source:
         known = KNOWN_CORPORA.get(kind, {})
-        url = _cfg_get(cfg, "url", known.get("url"))
-        sha = _cfg_get(cfg, "sha256", known.get("sha256") if url == known.get("url") else None)
+        url = cfg_get(cfg, "url", known.get("url"))
+        sha = cfg_get(cfg, "sha256", known.get("sha256") if url == known.get("url") else None)
         sep = cfg.get("separator", known.get("separator")) if cfg else known.get("separator")
         hint = known.get("local_hint", "/path/to/file.txt")
-        local = _cfg_get(cfg, "path")
-        name = _cfg_get(cfg, "name", kind)
+        local = cfg_get(cfg, "path")
+        name = cfg_get(cfg, "name", kind)
         info: dict[str, Any] = {"url": url, "sha256_expected": sha}
         if local:
             p = Path(os.path.expanduser(str(local)))
@@ -390,7 +382,7 @@ def _known(kind: str) -> Callable[[Mapping[str, Any]], Source]:
                 f"data={kind} needs data.url=URL (and ideally data.sha256=HEX) or "
                 "data.path=FILE for a local copy."
             )
-        filename = _cfg_get(cfg, "filename", known.get("filename") or url.rsplit("/", 1)[-1])
+        filename = cfg_get(cfg, "filename", known.get("filename") or url.rsplit("/", 1)[-1])
 
         fetched: list[Path] = []  # download (and hash) once; later passes read the cache
 
@@ -408,18 +400,18 @@ def _qa(cfg: Mapping[str, Any]) -> Source:
     """A Q&A file as plain text documents (one rendered record each), for pretraining-style
     prepare; fine-tuning itself goes through tinyllm.data.qa.QADataModule."""
     from tinyllm.chat import ChatTemplate
-    from tinyllm.data.qa import load_qa_records
+    from tinyllm.data.qa_records import load_qa_records
 
-    path = _cfg_get(cfg, "path")
+    path = cfg_get(cfg, "path")
     if not path:
         raise TinyLLMError("data=qa needs data.path=FILE (a Q&A JSON array or JSON Lines file).")
-    template = ChatTemplate.coerce(_cfg_get(cfg, "template"))
+    template = ChatTemplate.coerce(cfg_get(cfg, "template"))
 
     def units() -> Iterator[Unit]:
         for i, rec in enumerate(load_qa_records(path)):
             yield Unit(name=f"{path}#{i}", data=template.render_text(rec).encode("utf-8"))
 
-    return Source(_cfg_get(cfg, "name", "qa"), "qa", units, info={"path": str(path)})
+    return Source(cfg_get(cfg, "name", "qa"), "qa", units, info={"path": str(path)})
 
 
 SOURCES: dict[str, Callable[[Mapping[str, Any]], Source]] = {
@@ -435,7 +427,7 @@ SOURCES: dict[str, Callable[[Mapping[str, Any]], Source]] = {
 
 def get_source(data_cfg: Mapping[str, Any]) -> Source:
     """Build the source named by data_cfg['source'] (or data_cfg['name'])."""
-    kind = _cfg_get(data_cfg, "source") or _cfg_get(data_cfg, "name")
+    kind = cfg_get(data_cfg, "source") or cfg_get(data_cfg, "name")
     if kind not in SOURCES:
         raise TinyLLMError(
             f"data.source={kind!r} is not a known source. Valid: {', '.join(SOURCES)} "
@@ -622,7 +614,7 @@ def iter_pieces(source: Source, result: ScanResult) -> Iterator[tuple[str, bool]
 def iter_documents(data_cfg: Mapping[str, Any]) -> Iterator[str]:
     """Whole documents as str (convenient for small corpora and tests; prepare streams)."""
     source = get_source(data_cfg)
-    result = scan(source, _cfg_get(data_cfg, "bad_files", "replace"))
+    result = scan(source, cfg_get(data_cfg, "bad_files", "replace"))
     parts: list[str] = []
     for piece, end in iter_pieces(source, result):
         parts.append(piece)

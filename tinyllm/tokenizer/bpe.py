@@ -29,6 +29,7 @@ from typing import Any
 import regex
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import write_text_atomic
 from tinyllm.tokenizer import train as _train
 from tinyllm.tokenizer.patterns import pattern_name, resolve_pattern
 from tinyllm.tokenizer.train import _merge_word, count_chunks, learn_merges, text_to_bytes
@@ -477,12 +478,9 @@ def _num_cores() -> int:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise TinyLLMError(f"cannot write tokenizer file {str(path)!r} ({e.strerror}).") from None
 
 
