@@ -170,6 +170,10 @@ class MetricsFile(L.Callback):
             "history": self.history,
             **self.extra,
         }
+        for cb in trainer.callbacks:  # sections of other callbacks (e.g. health)
+            section = getattr(cb, "metrics_json", None)
+            if callable(section):
+                data.update(section())
         self.data = data
         write_json_atomic(self.path, data)
 

@@ -304,6 +304,10 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
         cbs.append(TextSampler(data.tokenizer, prompt=s.prompt, top_k=s.top_k,
                                max_new_tokens=int(s.max_new_tokens),
                                temperature=float(s.temperature)))  # fmt: skip
+    if cfg.get("health") is not None:  # run-health telemetry + spike detector (health.py)
+        from tinyllm.health import HealthMonitor
+
+        cbs.append(HealthMonitor(OmegaConf.to_container(cfg.health, resolve=True)))
     cbs += [_instantiate(node, f"callbacks.{name}") for name, node in _targets(cfg.callbacks)]
     return cbs, metrics
 
