@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import TINY, read_metrics, train_in_process, write_corpus
+from train_utils import TINY, read_metrics, train_cli, train_in_process, write_corpus
 
 import tinyllm.health as health
 from tinyllm.errors import TinyLLMError
@@ -162,8 +162,9 @@ class _Spy(health.HealthMonitor):
         super()._log(trainer, metrics, step)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
 def test_logged_layer_figures_equal_recomputation(
-    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accum: int
 ) -> None:
     spies: list[_Spy] = []
 
@@ -172,7 +173,8 @@ def test_logged_layer_figures_equal_recomputation(
         return spies[-1]
 
     monkeypatch.setattr(health, "HealthMonitor", make)
-    train_in_process(_overrides(corpus, "health.every_n_steps=5"), tmp_path / "run")
+    ov = _overrides(corpus, "health.every_n_steps=5", f"trainer.accumulate_grad_batches={accum}")
+    train_in_process(ov, tmp_path / "run")
     spy = spies[0]
     steps = sorted(s for s, m in spy.logged if "health/update_ratio/embed" in m)
     assert steps == [0, 5, 10]
@@ -306,3 +308,67 @@ def _inspect(*args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def test_report_shows_health_columns(tmp_path: Path) -> None:
+    import numpy as np
+    from test_report import metrics_for, write_job, write_multirun
+
+    from tinyllm.analysis import load_sweep, summarize
+    from tinyllm.report import table_rows
+
+    root = tmp_path / "mr"
+    write_multirun(root, ["optim.lr=1e-3,1e-2", "seed=0,1"])
+    figures = {"1e-3": [(1.5, 0, 0.01), (1.7, 0, 0.012)], "1e-2": [(9.0, 2, 0.05), (12.0, 3, 0.07)]}
+    num = 0
+    for lr, per_seed in figures.items():
+        for seed, (gn, spikes, ratio) in enumerate(per_seed):
+            h = {"max_grad_norm": gn, "spike_count": spikes, "last_layer_update_ratio": ratio}
+            m = metrics_for(2.0 + num * 0.01, health=h)
+            write_job(root, num, [f"optim.lr={lr}", f"seed={seed}"], m)
+            num += 1
+    sweep = load_sweep(root)
+    header, rows = table_rows(sweep, summarize(sweep, "val/bpb"), "val/bpb")
+    assert header[-3:] == ["max grad norm", "spikes", "last-layer update ratio"]
+    by_lr = {r[0]: r for r in rows}
+    for lr, per_seed in figures.items():
+        cols = list(zip(*per_seed))
+        want = [f"{np.mean(c):.4g} ± {np.std(c, ddof=1):.2g}" for c in cols]
+        assert by_lr[lr][-3:] == want
+
+
+@pytest.mark.ddp
+def test_ddp_health_figures_and_skips_match_one_process(corpus: Path, tmp_path: Path) -> None:
+    """2 gloo ranks x batch 4 == 1 process x batch 8: the gradients are all-reduced, so rank 0's
+    per-layer figures are the global ones, and a dropped step is dropped on every rank."""
+    common = [*_overrides(corpus, "health.every_n_steps=5", "health.skip_steps=[7]"), "logger=none"]
+    one = train_cli([*common, "batch_size=8", f"hydra.run.dir={tmp_path}/one"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = train_cli(
+        [*common, "batch_size=4", "trainer.devices=2", f"hydra.run.dir={tmp_path}/two"],
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    h1, h2 = (read_metrics(tmp_path / r)["health"] for r in ("one", "two"))
+    assert h1["skipped_steps"] == h2["skipped_steps"] == [7]
+    assert h2["batches"]["world_size"] == 2 and h1["batches"]["world_size"] == 1
+    assert h1["last"]["step"] == h2["last"]["step"] == 10
+    for key, v1 in h1["last"].items():
+        if key.startswith(("health/grad_rms", "health/param_rms")):
+            assert math.isclose(v1, h2["last"][key], rel_tol=2e-3), key
+        elif key.startswith("health/update_ratio"):
+            assert math.isclose(v1, h2["last"][key], rel_tol=2e-2), key
+    assert math.isclose(h1["max_grad_norm"], h2["max_grad_norm"], rel_tol=2e-3)
+    assert _inspect(f"run={tmp_path / 'two'}", "step=3").stdout.count("## rank 1,") == 4
+
+
+@pytest.mark.slow
+def test_health_with_compile(corpus: Path, tmp_path: Path) -> None:
+    """The eager measurement forward leaves the compiled training graph alone."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    train_in_process(_overrides(corpus, "health.every_n_steps=5", "compile=true"), tmp_path / "r")
+    h = read_metrics(tmp_path / "r")["health"]
+    assert h["last"]["step"] == 10 and h["last"]["health/attn_entropy/block_0"] > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3

@@ -22,11 +22,13 @@ import sys
 from pathlib import Path
 
 from tinyllm.analysis import (
+    HEALTH_COLUMNS,
     ConfigSummary,
     Curve,
     PowerLawFit,
     Sweep,
     fit_power_law,
+    health_cells,
     load_sweep,
     mean_curve,
     summarize,
@@ -76,8 +78,11 @@ def table_rows(sweep: Sweep, rows: list[ConfigSummary], metric: str) -> tuple[li
     ]
     if not sweep.swept_keys:
         header = ["configuration", *header]
+    health = [health_cells(r) for r in rows]
+    shown = [i for i in range(len(HEALTH_COLUMNS)) if any(h[i] for h in health)]
+    header += [HEALTH_COLUMNS[i][0] for i in shown]
     out = []
-    for r in rows:
+    for r, h in zip(rows, health):
         value = "—"
         if r.mean is not None:
             value = _fmt(r.mean) + (f" ± {_fmt(r.std)}" if r.std is not None else " ± n/a")
@@ -97,9 +102,17 @@ def table_rows(sweep: Sweep, rows: list[ConfigSummary], metric: str) -> tuple[li
                 "—" if r.is_baseline else _fmt_p(r.p_value),
                 "—" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
                 _fmt_counts(r),
+                *(_fmt_pooled(h[i]) for i in shown),
             ]
         )
     return header, out
+
+
+def _fmt_pooled(cell: tuple[float, float | None] | None) -> str:
+    if cell is None:
+        return "—"
+    mean, std = cell
+    return f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else "")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:

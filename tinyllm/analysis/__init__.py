@@ -6,10 +6,12 @@ The entry point is `python -m tinyllm.report DIR`; these are the pieces it is bu
 from __future__ import annotations
 
 from tinyllm.analysis.stats import (
+    HEALTH_COLUMNS,
     ConfigSummary,
     Curve,
     PowerLawFit,
     fit_power_law,
+    health_cells,
     mean_curve,
     summarize,
     welch_p_value,
@@ -17,12 +19,14 @@ from tinyllm.analysis.stats import (
 from tinyllm.analysis.sweep import Run, Sweep, is_seed_key, load_sweep
 
 __all__ = [
+    "HEALTH_COLUMNS",
     "ConfigSummary",
     "Curve",
     "PowerLawFit",
     "Run",
     "Sweep",
     "fit_power_law",
+    "health_cells",
     "is_seed_key",
     "load_sweep",
     "mean_curve",

@@ -114,6 +114,29 @@ def summarize(sweep: Sweep, metric: str, baseline: str | None = None) -> list[Co
     return rows
 
 
+# Run-health columns of the report (tinyllm/health.py): stability beside quality.
+HEALTH_COLUMNS = (
+    ("max grad norm", "max_grad_norm"),
+    ("spikes", "spike_count"),
+    ("last-layer update ratio", "last_layer_update_ratio"),
+)
+
+
+def health_cells(row: ConfigSummary) -> list[tuple[float, float | None] | None]:
+    """(mean, std or None) over the row's completed runs, per HEALTH_COLUMNS entry."""
+    done = [r for r in row.runs if r.status == "completed"]
+    out: list[tuple[float, float | None] | None] = []
+    for _, key in HEALTH_COLUMNS:
+        vals = [_num((r.metrics.get("health") or {}).get(key)) for r in done]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            out.append(None)
+            continue
+        std = float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
+        out.append((float(np.mean(vals)), std))
+    return out
+
+
 def _num(v: object) -> float | None:
     try:
         f = float(v)  # type: ignore[arg-type]
