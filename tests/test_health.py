@@ -115,6 +115,19 @@ def test_spike_detector_flags_the_spike_only() -> None:
     assert det.update(float("nan")) == math.inf
 
 
+def test_grad_norm_detector_works_on_a_log_scale() -> None:
+    """A norm doubling (as healthy early training does) is no spike; a 100x jump is."""
+    series = [1.0, 0.8, 1.25, 0.9, 1.1, 1.0, 0.85, 1.2, 0.95, 1.05] * 3
+    det = SpikeDetector(window=50, threshold=6.0, min_history=20, log_scale=True)
+    assert all(det.update(v) is None for v in series)
+    assert det.update(2.0) is None
+    z = det.update(100.0)
+    logs = [math.log(v) for v in [*series, 2.0]]
+    mean = sum(logs) / len(logs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
+    assert z == pytest.approx((math.log(100.0) - mean) / std)
+
+
 def test_spike_detector_needs_history() -> None:
     det = SpikeDetector(window=10, threshold=3.0, min_history=5)
     assert [det.update(v) for v in (1.0, 100.0, 1.0, 1.0)] == [None] * 4

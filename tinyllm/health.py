@@ -16,8 +16,9 @@ logs those figures under `health/` every `health.every_n_steps` steps:
         health/attn_entropy/<block>  mean attention entropy (nats) over heads and queries
     health/max_abs_logit, health/z_loss (when model.z_loss > 0), health/loss_scale (16-mixed)
 
-and checks EVERY step for spikes: a step whose loss or pre-clip gradient norm lies more than
-`spike_threshold` standard deviations above the mean of the previous `spike_window` steps.
+and checks EVERY step for spikes: a step whose loss (or the log of its pre-clip gradient norm)
+lies more than `spike_threshold` standard deviations above the mean of the previous
+`spike_window` steps.
 `on_spike=warn` records and prints it; `on_spike=skip` also drops that step's update (no
 weight, moment or step-count change: the optimizer sees no gradients). Every spike lands in
 metrics.json (`health.spikes`) and TensorBoard (`health/spike_z`). `python -m tinyllm.inspect
@@ -95,13 +96,18 @@ class SpikeDetector:
     count: a falling loss is good news). Spikes stay out of the history, so one bad step does
     not raise the bar for the next. A non-finite value is always a spike (z = inf)."""
 
-    def __init__(self, window: int, threshold: float, min_history: int) -> None:
+    def __init__(
+        self, window: int, threshold: float, min_history: int, log_scale: bool = False
+    ) -> None:
         self.window, self.threshold, self.min_history = window, threshold, min_history
+        self.log_scale = log_scale
         self.values: list[float] = []
 
     def z_score(self, v: float) -> float | None:
         if not math.isfinite(v):
             return math.inf
+        if self.log_scale:
+            v = math.log(max(v, 1e-30))
         if len(self.values) < self.min_history:
             return None
         n = len(self.values)
@@ -116,7 +122,7 @@ class SpikeDetector:
         z = self.z_score(v)
         if z is not None and z > self.threshold:
             return z
-        self.values.append(v)
+        self.values.append(math.log(max(v, 1e-30)) if self.log_scale else v)
         del self.values[: -self.window]
         return None
 
@@ -204,7 +210,12 @@ class HealthMonitor(L.Callback):
         self.cfg = config if isinstance(config, HealthConfig) else HealthConfig.from_dict(config)
         c = self.cfg
         self.loss_spikes = SpikeDetector(c.spike_window, c.spike_threshold, c.spike_min_history)
-        self.grad_spikes = SpikeDetector(c.spike_window, c.spike_threshold, c.spike_min_history)
+        # Gradient norms move by factors (a healthy run's norm doubles and halves within a
+        # few steps early on): their deviations are measured on a log scale. The loss is a
+        # log-probability already, so its own scale is the right one.
+        self.grad_spikes = SpikeDetector(
+            c.spike_window, c.spike_threshold, c.spike_min_history, log_scale=True
+        )
         self.spikes: list[dict[str, Any]] = []
         self.skipped: list[int] = []
         self.max_grad_norm: float | None = None
