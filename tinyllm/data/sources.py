@@ -266,64 +266,13 @@ def download(
     record = dest.with_name(dest.name + ".sha256")
     expected = sha256 or (record.read_text().strip() if record.is_file() else None)
     if dest.is_file():
-        got = sha256_file(dest)
-        if expected is None or got == expected:
-            return dest
-        bad = dest.with_name(dest.name + ".bad")
-        os.replace(dest, bad)
-        raise TinyLLMError(
-            f"The cached file {dest} has sha256 {got}, expected {expected}; it was moved to "
-            f"{bad}. Run again to download a fresh copy, or "
-            + _offline_fix(url, local_hint)[0].lower()
-            + _offline_fix(url, local_hint)[1:]
-            + "."
-        )
+        return _checked_cache(dest, expected, url, local_hint)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "tinyllm"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # the .part file is already complete
-            resp = None
-        else:
-            raise TinyLLMError(
-                f"Could not download {url} (HTTP {e.code} {e.reason}). "
-                + _offline_fix(url, local_hint)
-                + "."
-            ) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise TinyLLMError(
-            f"Could not download {url} ({reason}): this machine looks offline. "
-            + _offline_fix(url, local_hint)
-            + "."
-        ) from None
-    if resp is not None:
-        with resp:
-            if have and resp.status != 206:  # the server ignored Range: start over
-                have = 0
-            length = resp.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            bar = Progress(total, f"downloading {dest.name}") if progress else None
-            if bar:
-                bar.update(have)
-            try:
-                with open(part, "ab" if have else "wb") as f:
-                    while block := resp.read(1 << 16):
-                        f.write(block)
-                        if bar:
-                            bar.update(len(block))
-            except (urllib.error.URLError, OSError) as e:
-                raise TinyLLMError(
-                    f"The download of {url} broke off ({e}); {part} keeps what arrived and the "
-                    "next run resumes from there. " + _offline_fix(url, local_hint) + "."
-                ) from None
-            if bar:
-                bar.close()
+    resp = _open_url(url, have, timeout, local_hint)
+    if resp is not None:  # (None: the .part file is already complete)
+        _stream_into(resp, part, dest.name, have, url, local_hint, progress)
     got = sha256_file(part)
     if expected is not None and got != expected:
         part.unlink()
@@ -341,6 +290,71 @@ def download(
             stacklevel=2,
         )
     return dest
+
+
+def _checked_cache(dest: Path, expected: str | None, url: str, local_hint: str) -> Path:
+    """The cached file if its hash is the expected one; else move it aside and say so."""
+    got = sha256_file(dest)
+    if expected is None or got == expected:
+        return dest
+    bad = dest.with_name(dest.name + ".bad")
+    os.replace(dest, bad)
+    fix = _offline_fix(url, local_hint)
+    raise TinyLLMError(
+        f"The cached file {dest} has sha256 {got}, expected {expected}; it was moved to "
+        f"{bad}. Run again to download a fresh copy, or {fix[0].lower()}{fix[1:]}."
+    )
+
+
+def _open_url(url: str, have: int, timeout: float, local_hint: str) -> Any:
+    """The HTTP response from byte `have` on (Range), or None when nothing is left to fetch."""
+    req = urllib.request.Request(url, headers={"User-Agent": "tinyllm"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the .part file is already complete
+            return None
+        raise TinyLLMError(
+            f"Could not download {url} (HTTP {e.code} {e.reason}). "
+            + _offline_fix(url, local_hint)
+            + "."
+        ) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TinyLLMError(
+            f"Could not download {url} ({reason}): this machine looks offline. "
+            + _offline_fix(url, local_hint)
+            + "."
+        ) from None
+
+
+def _stream_into(
+    resp: Any, part: Path, name: str, have: int, url: str, local_hint: str, progress: bool
+) -> None:
+    """Append the response body to `part` (or start it over if the server ignored Range)."""
+    with resp:
+        if have and resp.status != 206:  # the server ignored Range: start over
+            have = 0
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        bar = Progress(total, f"downloading {name}") if progress else None
+        if bar:
+            bar.update(have)
+        try:
+            with open(part, "ab" if have else "wb") as f:
+                while block := resp.read(1 << 16):
+                    f.write(block)
+                    if bar:
+                        bar.update(len(block))
+        except (urllib.error.URLError, OSError) as e:
+            raise TinyLLMError(
+                f"The download of {url} broke off ({e}); {part} keeps what arrived and the "
+                "next run resumes from there. " + _offline_fix(url, local_hint) + "."
+            ) from None
+        if bar:
+            bar.close()
 
 
 def _known(kind: str) -> Callable[[Mapping[str, Any]], Source]:
@@ -545,24 +559,7 @@ def scan(source: Source, bad_files: str = "replace") -> ScanResult:
         res.units += 1
         name_b = unit.name.encode("utf-8", "surrogateescape")
         h.update(len(name_b).to_bytes(8, "little") + name_b)
-        uh = hashlib.sha256()
-        dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
-        n, valid, head = 0, True, b""
-        for block in unit.blocks():
-            if n == 0:
-                head = block[:8192]
-            n += len(block)
-            uh.update(block)
-            if valid:
-                try:
-                    dec.decode(block)
-                except UnicodeDecodeError:
-                    valid = False
-        if valid:
-            try:
-                dec.decode(b"", final=True)
-            except UnicodeDecodeError:
-                valid = False
+        n, uh, valid, head = _read_unit(unit)
         h.update(n.to_bytes(8, "little") + uh.digest())
         res.file_sha256 = uh.hexdigest() if res.units == 1 else None
         res.bytes += n
@@ -601,6 +598,29 @@ def scan(source: Source, bad_files: str = "replace") -> ScanResult:
     res.documents = len(res.doc_chars)
     res.checksum = h.hexdigest()
     return res
+
+
+def _read_unit(unit: Unit) -> tuple[int, Any, bool, bytes]:
+    """(bytes, sha256 object, valid UTF-8?, first 8 KB) of one unit, in one streaming pass."""
+    uh = hashlib.sha256()
+    dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    n, valid, head = 0, True, b""
+    for block in unit.blocks():
+        if n == 0:
+            head = block[:8192]
+        n += len(block)
+        uh.update(block)
+        if valid:
+            try:
+                dec.decode(block)
+            except UnicodeDecodeError:
+                valid = False
+    if valid:
+        try:
+            dec.decode(b"", final=True)
+        except UnicodeDecodeError:
+            valid = False
+    return n, uh, valid, head
 
 
 def iter_pieces(source: Source, result: ScanResult) -> Iterator[tuple[str, bool]]:
