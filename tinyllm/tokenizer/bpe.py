@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import operator
 import os
 import warnings
 from array import array
@@ -31,7 +32,7 @@ import regex
 from tinyllm.errors import TinyLLMError
 from tinyllm.io import write_text_atomic
 from tinyllm.tokenizer import train as _train
-from tinyllm.tokenizer.patterns import pattern_name, resolve_pattern
+from tinyllm.tokenizer.patterns import pattern_name, resolve_pattern, splitter
 from tinyllm.tokenizer.train import _merge_word, count_chunks, learn_merges, text_to_bytes
 
 FORMAT_NAME = "tinyllm.bpe"
@@ -80,10 +81,10 @@ class BPETokenizer:
         roles: dict[str, str | None] | None = None,
     ) -> None:
         self.pattern = resolve_pattern(pattern)
-        self._compiled = regex.compile(self.pattern)
+        self._split = splitter(self.pattern)  # (time-limited for a custom regex)
         self.byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
         # merges in priority order: (left id, right id, new id); trained: new id = 256 + rank
-        self.merges = [(int(a), int(b), int(n)) for a, b, n in merges]
+        self.merges = [(_id(a), _id(b), _id(n)) for a, b, n in merges]
         self.special_tokens = dict(special_tokens or {})
         self.roles = guess_roles(self.special_tokens) if roles is None else dict(roles)
         self._build()
@@ -115,30 +116,7 @@ class BPETokenizer:
         for b, i in enumerate(self.byte_ids):
             claim(i, f"byte {b}")
             vocab[i] = bytes([b])
-        # A merge's parts are normally made by earlier merges. HF's tiktoken converter also
-        # lists later-made parts, so resolve the bytes in passes until nothing changes.
-        pending = list(enumerate(self.merges))
-        while pending:
-            later = []
-            for rank, (a, b, new) in pending:
-                if not (0 <= a < n and 0 <= b < n):
-                    later = pending  # an id out of range never resolves: report it below
-                    break
-                if vocab[a] is None or vocab[b] is None:
-                    later.append((rank, (a, b, new)))
-                    continue
-                merged = vocab[a] + vocab[b]
-                if not (0 <= new < n and vocab[new] == merged and owner[new].startswith("merge")):
-                    claim(new, f"merge #{rank}")
-                vocab[new] = merged
-            if len(later) == len(pending):
-                bad = [m for m in later if not (0 <= m[1][0] < n and 0 <= m[1][1] < n)]
-                rank, (a, b, new) = (bad or later)[0]
-                raise TinyLLMError(
-                    f"tokenizer merge #{rank} ({a}, {b}) -> {new} uses an id that no byte or "
-                    "merge defines; the merges list is malformed."
-                )
-            pending = later
+        _resolve_merges(self.merges, vocab, owner, claim)
         ranks: dict[tuple[int, int], int] = {}
         new_ids: dict[tuple[int, int], int] = {}
         for rank, (a, b, new) in enumerate(self.merges):
@@ -272,7 +250,7 @@ class BPETokenizer:
         return ids
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        chunks = self._compiled.findall(text)
+        chunks = self._split(text)
         if self._c is not None:
             return self._c.encode_chunks(chunks)
         out: list[int] = []
@@ -468,6 +446,65 @@ class BPETokenizer:
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(BPETokenizer.from_dict(d).__dict__)
+
+
+def _id(x: Any) -> int:
+    """A token id from a file: an integer; a float, bool or string is malformed."""
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        raise TypeError(f"token ids must be integers, got {x!r}")
+    return operator.index(x)
+
+
+def _resolve_merges(
+    merges: list[tuple[int, int, int]],
+    vocab: list[bytes | None],
+    owner: dict[int, str],
+    claim: Any,
+) -> None:
+    """Give every merge result its bytes, in linear time whatever the order of the merges.
+
+    A merge's parts are normally made by earlier merges, but HF's tiktoken converter also
+    lists later-made parts, and a crafted file may list them in reverse: resolving in repeated
+    passes would then be quadratic (10k reversed merges: 30 s). Instead each merge waits on
+    the ids it lacks and is resolved the moment the last of them gets its bytes.
+    """
+    n = len(vocab)
+    waiting: dict[int, list[int]] = {}  # id -> ranks of the merges waiting for its bytes
+    lacking = [0] * len(merges)  # rank -> how many of its parts still lack bytes
+    ready: list[int] = []
+    for rank, (a, b, _new) in enumerate(merges):
+        if not (0 <= a < n and 0 <= b < n):
+            _undefined_part(rank, merges[rank])
+        for part in {a, b}:
+            if vocab[part] is None:
+                waiting.setdefault(part, []).append(rank)
+                lacking[rank] += 1
+        if not lacking[rank]:
+            ready.append(rank)
+    while ready:
+        rank = ready.pop()
+        a, b, new = merges[rank]
+        merged = vocab[a] + vocab[b]  # type: ignore[operator]
+        # (a token listed by several merges, all making the same bytes, is allowed)
+        if not (0 <= new < n and vocab[new] == merged and owner[new].startswith("merge")):
+            claim(new, f"merge #{rank}")
+        if vocab[new] is None:
+            for r in waiting.pop(new, ()):
+                lacking[r] -= 1
+                if not lacking[r]:
+                    ready.append(r)
+        vocab[new] = merged
+    stuck = [rank for rank, k in enumerate(lacking) if k]
+    if stuck:
+        _undefined_part(stuck[0], merges[stuck[0]])
+
+
+def _undefined_part(rank: int, merge: tuple[int, int, int]) -> None:
+    a, b, new = merge
+    raise TinyLLMError(
+        f"tokenizer merge #{rank} ({a}, {b}) -> {new} uses an id that no byte or merge "
+        "defines; the merges list is malformed (re-create the file with BPETokenizer.save)."
+    )
 
 
 def _num_cores() -> int:

@@ -28,9 +28,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import regex
-
 from tinyllm.errors import TinyLLMError
+from tinyllm.tokenizer.patterns import splitter
 
 # Optional C fast path (setup.py builds it; identical results to the Python here and in
 # bpe.py). TINYLLM_PURE_PYTHON=1 switches it off, e.g. to step through the Python in a debugger.
@@ -64,7 +63,7 @@ def count_chunks(
     because it might continue there (e.g. a whitespace run or a word cut in half). This is
     exact for patterns that look at most one character ahead and never behind (gpt2, gpt4).
     """
-    compiled = regex.compile(pattern)
+    split = splitter(pattern)  # (time-limited for a custom regex)
     counts: Counter[str] = Counter()
     docs = [source] if isinstance(source, (str, os.PathLike)) else source
     n_bytes, t0 = 0, time.perf_counter()
@@ -86,7 +85,7 @@ def count_chunks(
             )
         carry = ""
         for block in blocks:
-            pieces = compiled.findall(carry + block)
+            pieces = split(carry + block)
             carry = pieces.pop() if pieces else ""
             counts.update(pieces)
             n_bytes += len(block)
@@ -99,7 +98,7 @@ def count_chunks(
                     file=sys.stderr,
                 )
         if carry:
-            counts.update(compiled.findall(carry))
+            counts.update(split(carry))
         if f is not None:
             f.close()
     if verbose:
