@@ -8,6 +8,10 @@ keys written by a compiled model (`_orig_mod.`) are normalised away on load.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +22,103 @@ from tinyllm.io import strip_compile_prefix, torch_save_atomic, unwrap_compiled
 
 CKPT_FORMAT_VERSION = 1
 _PREFIX = "model."
+CHECKSUM_KEY = "tinyllm_checksum"  # sha256 of every tensor in the file (see tensors_checksum)
 
 
 def _clean_key(key: str) -> str:
     """`model.blocks.0...` -> `blocks.0...` (the LitGPT attribute the GPT sits in)."""
     return key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+
+
+def tensors_checksum(obj: Any) -> str:
+    """sha256 over every tensor in a checkpoint (name, dtype, shape and bytes), in a fixed order.
+
+    Stored under CHECKSUM_KEY at save and recomputed at load: a flipped byte in the weights or
+    the optimizer state would otherwise load silently (and generate or resume from garbage).
+    Each tensor is hashed on its own, in threads (hashlib releases the GIL), and the digests
+    hashed in order: the cost spreads over the cores (benchmarks/checksum.py).
+    """
+    items = list(_tensors(obj, ""))
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_tensor_digest, items))
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def _tensor_digest(item: tuple[str, torch.Tensor]) -> bytes:
+    name, t = item
+    h = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.digest()
+
+
+def _tensors(obj: Any, name: str):
+    """(path, tensor) pairs of a nested dict/list structure, dict keys in sorted order."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            if k != CHECKSUM_KEY:
+                yield from _tensors(obj[k], f"{name}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{name}/{i}")
+
+
+def add_checksum(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Store the tensors' checksum in the checkpoint dict (in place) before it is saved."""
+    ckpt[CHECKSUM_KEY] = tensors_checksum(ckpt)
+    return ckpt
+
+
+def verify_checksum(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Recompute the checksum written at save; files from before checksums pass unchecked."""
+    stored = ckpt.get(CHECKSUM_KEY) if isinstance(ckpt, dict) else None
+    if stored is None:
+        return
+    if stored != tensors_checksum(ckpt):
+        raise TinyLLMError(
+            f"Checkpoint '{path}' is corrupted: its tensors do not match the checksum written "
+            "when it was saved (a bit flip on disk, a bad copy or an edit). Do not use it: "
+            "copy it again from its source, or use another checkpoint of the run (e.g. "
+            "best.ckpt or step-N.ckpt beside it)."
+        )
+
+
+def load_trusted_types_only(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load with the safe unpickler only (tensors and plain values), checksum verified.
+
+    Never falls back to the full unpickler: a crafted .ckpt could run code through it. A
+    tinyllm checkpoint holds nothing else (tests/test_safety.py pins that), so nothing is
+    allowlisted beyond torch's own weights_only set.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # (a crafted pickle names a global it wants called; garbage is an unknown opcode)
+        first = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln), "").strip()
+        if not first:
+            raise TinyLLMError(_unreadable(path, e)) from None
+        raise TinyLLMError(
+            f"Refusing to load '{path}': it holds Python objects besides tensors and plain "
+            f"values ({first or type(e).__name__}), which could run code when unpickled. "
+            "tinyllm loads checkpoints with torch.load(weights_only=True) only, and its own "
+            "checkpoints never need more. Use a .ckpt written by tinyllm; for a file you wrote "
+            "and trust, re-save just its plain state_dict."
+        ) from None
+    except Exception as e:
+        raise TinyLLMError(_unreadable(path, e)) from None
+    verify_checksum(ckpt, path)
+    return ckpt
+
+
+def _unreadable(path: str | Path, e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+    why = next((ln for ln in lines if "Unsupported" in ln or "load key" in ln), lines[0])
+    return (
+        f"Could not read checkpoint '{path}': {type(e).__name__}: {why[:200]}. The file is "
+        "truncated, corrupted or not a PyTorch checkpoint; point `ckpt=` at a complete "
+        ".ckpt file (checkpoints are written atomically, so last.ckpt of a run is safe)."
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -34,19 +130,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "`python -m tinyllm.train` (e.g. outputs/<date>/<time>/checkpoints/last.ckpt), "
             "or `ckpt=latest` for the newest run under outputs/."
         )
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            # Lightning may store small non-tensor objects (callback states) that the safe
-            # unpickler refuses; our own files are trusted, so retry with the full unpickler.
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TinyLLMError(
-            f"Could not read checkpoint '{path}': {type(e).__name__}: {e}. The file is "
-            "truncated, corrupted or not a PyTorch checkpoint; point `ckpt=` at a complete "
-            ".ckpt file (checkpoints are written atomically, so last.ckpt of a run is safe)."
-        ) from None
+    ckpt = load_trusted_types_only(path)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "model_config" not in hp or "state_dict" not in ckpt:
         raise TinyLLMError(
@@ -132,7 +216,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Any = N
         "global_step": 0,
         "epoch": 0,
     }
-    torch_save_atomic(ckpt, path)
+    torch_save_atomic(add_checksum(ckpt), path)
 
 
 def resolve_ckpt(spec: str | Path, search_root: str | Path = "outputs") -> Path:

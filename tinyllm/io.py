@@ -8,20 +8,30 @@ removed when the write fails. `os.replace` is atomic on one file system, hence "
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tinyllm.errors import TinyLLMError
+
 COMPILE_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts in front of state-dict keys
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary path beside `path`, then rename it to `path`."""
+    """Call `write(tmp)` on a temporary path beside `path`, then rename it to `path`.
+
+    A full disk is one clear error naming `path` (TinyLLMError); the previous file at `path`
+    is untouched. The temporary's name carries our pid, so a later start can tell a killed
+    writer's leftover from a live write (remove_stale_temporaries).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # (a fresh name per write, not mkstemp: that would leave the file readable by us alone)
@@ -29,9 +39,78 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except BaseException as e:
+        if _disk_full(e):
+            raise TinyLLMError(disk_full_message(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)  # (gone after a successful rename)
     return path
+
+
+def disk_full_message(path: str | Path) -> str:
+    return (
+        f"disk full at {path}: the file could not be written (no space left on the device, "
+        "or the quota is used up). Nothing half-written was kept, and the previous file of "
+        "that name (if any) is intact. Free some space (old runs under outputs/, step-N.ckpt "
+        "files) or point the run elsewhere, then resume from the last checkpoint."
+    )
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain (torch's zip writer reports a full disk
+    as "inline_container.cc: unexpected pos", with the OSError as its context)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+# Temporary names of tinyllm's atomic writes, with the writer's pid: `.last.ckpt.123.1a2b3c4d.tmp`
+# (atomic_write), and older ones: `.train.bin.tmp-123`, `.tokenizer.json.tmp123`.
+_TMP_PID = re.compile(r"^\..+?(?:\.tmp-?(\d+)|\.(\d+)(?:\.[0-9a-f]{8})?\.tmp)$")
+LEGACY_TMP_AGE_S = 3600.0  # a temporary without a pid (older mkstemp names): stale after this
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporaries left in `folder` by writers that were killed (kill -9 skips every
+    cleanup): those whose pid is no longer running on this machine, and pid-less ones older
+    than LEGACY_TMP_AGE_S. Returns what was removed. Live writers' files are left alone."""
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if not p.name.startswith(".") or ".tmp" not in p.name:
+            continue
+        m = _TMP_PID.match(p.name)
+        pid = int(m.group(1) or m.group(2)) if m else None
+        try:
+            if pid is not None and pid < 1 << 22:  # (pid_max on Linux is at most 2^22)
+                stale = not _pid_alive(pid)
+            else:
+                age = time.time() - p.stat().st_mtime
+                stale = p.name.endswith(".tmp") and age > LEGACY_TMP_AGE_S
+            if stale and p.is_file():
+                p.unlink()
+                removed.append(p)
+        except OSError:  # (gone meanwhile, or not ours to delete)
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -44,9 +123,16 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda p: _torch_save(obj, p))
+
+
+def _torch_save(obj: Any, p: Path) -> None:
     import torch
 
-    return atomic_write(path, lambda p: torch.save(obj, p))
+    # through a Python file: a full disk then raises OSError(ENOSPC) (given a path, torch's
+    # C++ writer loses the errno: "inline_container.cc: unexpected pos")
+    with open(p, "wb") as f:
+        torch.save(obj, f)
 
 
 def _json_default(o: Any) -> Any:
