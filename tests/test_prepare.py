@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,10 +236,11 @@ def test_read_meta_rejects_broken_folders(folder: Path, tmp_path: Path) -> None:
 
 
 def test_default_data_dir() -> None:
-    assert default_data_dir({"name": "pydocs"}, {"vocab_size": 2048}) == Path("data/pydocs-2048")
-    assert default_data_dir({"source": "text"}, {"path": "x/gpt2.tiktoken"}, "d") == Path(
-        "d/text-gpt2"
-    )
+    """<root>/<name>-<vocab or tokenizer file>-<hash of the settings> (tests/test_safety.py)."""
+    d = default_data_dir({"name": "pydocs"}, {"vocab_size": 2048})
+    assert d.parent == Path("data") and re.fullmatch(r"pydocs-2048-[0-9a-f]{8}", d.name)
+    d = default_data_dir({"source": "text"}, {"path": "x/gpt2.tiktoken"}, "d")
+    assert d.parent == Path("d") and re.fullmatch(r"text-gpt2-[0-9a-f]{8}", d.name)
 
 
 def test_entry_point(folder: Path, tmp_path: Path, repo_root: Path) -> None:
@@ -275,4 +277,6 @@ def test_every_data_conf_composes(repo_root: Path) -> None:
         cfg = compose("prepare")
     assert cfg.data.name == "pydocs" and cfg.tokenizer.vocab_size == 4096
     assert cfg.out_dir is None and cfg.force is False and cfg.num_workers is None
-    assert default_data_dir(cfg.data, cfg.tokenizer, cfg.data_root) == Path("data/pydocs-4096")
+    assert default_data_dir(cfg.data, cfg.tokenizer, cfg.data_root) == default_data_dir(
+        {"name": "pydocs", "source": "pydocs"}, {}
+    )  # (the defaults filled in or not: one folder)

@@ -1,4 +1,4 @@
-"""python -m tinyllm.prepare: a corpus -> data/<name>-<vocab>/{tokenizer.json, *.bin, meta.json}.
+"""python -m tinyllm.prepare: a corpus -> data/<name>-<vocab>-<hash>/ (tokenizer, bins, meta).
 
     python -m tinyllm.prepare                                  # the embedded pydocs corpus
     python -m tinyllm.prepare data=text data.path=FILE tokenizer.vocab_size=N out_dir=DIR

@@ -18,9 +18,11 @@ np.memmap by TokenBinDataModule.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -45,7 +47,7 @@ from tinyllm.data.sources import (
     sha256_file,
 )
 from tinyllm.errors import TinyLLMError
-from tinyllm.io import write_text_atomic
+from tinyllm.io import remove_stale_temporaries, write_text_atomic
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -59,6 +61,7 @@ META_KEYS = (
     "config_hash",
     "created_by",
 )
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TRAIN_CHARS = 20_000_000  # tokenizer training sample cap (BPE training is the slow part)
 
@@ -85,11 +88,37 @@ def token_dtype(vocab_size: int) -> str:
 def default_data_dir(
     data_cfg: Mapping[str, Any], tokenizer_cfg: Mapping[str, Any], data_root: str | Path = "data"
 ) -> Path:
-    """data/<name>-<vocab_size>, or data/<name>-<tokenizer file stem> for tokenizer.path."""
+    """data/<name>-<vocab_size>-<hash>, or data/<name>-<tokenizer file stem>-<hash>.
+
+    The hash (8 hex digits) covers every setting that decides the folder's contents: where the
+    text comes from (an absolute path, a URL) and how it is split and tokenized. Two corpora,
+    or one corpus with two split settings, never share a folder: a prepare of one can no
+    longer rewrite the bins another run is training on (`data=text` used to put every text
+    into data/text-<vocab>/).
+    """
     name = cfg_get(data_cfg, "name") or cfg_get(data_cfg, "source", "data")
     tpath = cfg_get(tokenizer_cfg, "path")
     suffix = Path(str(tpath)).stem if tpath else str(cfg_get(tokenizer_cfg, "vocab_size", 4096))
-    return Path(data_root) / f"{name}-{suffix}"
+    canon = json.dumps(_settings(data_cfg, tokenizer_cfg), sort_keys=True, default=str)
+    short = hashlib.sha256(canon.encode()).hexdigest()[:8]
+    return Path(data_root) / f"{name}-{suffix}-{short}"
+
+
+def _settings(data_cfg: Mapping[str, Any], tokenizer_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a prepared folder is made from (paths made absolute)."""
+    data, tok = _plain(data_cfg), _plain(tokenizer_cfg)
+    defaults = {"val_fraction": DEFAULT_VAL_FRACTION, "split": "auto", "split_seed": 1337,
+                "bad_files": "replace", "vocab_size": 4096, "pattern": "gpt4",
+                "train_chars": DEFAULT_TRAIN_CHARS}  # fmt: skip
+    keys = ("source", "path", "url", "extensions", "separator", "bad_files", "split",
+            "val_fraction", "val_tokens", "split_seed", "template")  # fmt: skip
+    out = {k: cfg_get(data, k, defaults.get(k)) for k in keys}
+    out["tokenizer"] = {k: cfg_get(tok, k, defaults.get(k)) for k in ("vocab_size", "pattern",
+                        "special_tokens", "train_chars", "path")}  # fmt: skip
+    for d in (out, out["tokenizer"]):
+        if d.get("path"):
+            d["path"] = os.path.abspath(os.path.expanduser(str(d["path"])))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +153,13 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
         )
     if meta["dtype"] not in ("uint16", "uint32"):
         raise TinyLLMError(f"{path} has dtype {meta['dtype']!r}, not uint16/uint32. {fix}")
+    top = meta.get("max_token_id")  # (absent in folders prepared before it was recorded)
+    if top is not None and not (isinstance(top, int) and top < int(meta["vocab_size"])):
+        raise TinyLLMError(
+            f"{path} records token ids up to {top}, but the vocabulary has "
+            f"{meta['vocab_size']} ids (0..{int(meta['vocab_size']) - 1}): the bins were "
+            f"written with another tokenizer, or meta.json was edited. {fix}"
+        )
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"
@@ -197,40 +233,86 @@ def _plan_split(
             "data.split=document needs at least 2 documents, this corpus has 1; use "
             "data.split=position (the last val_fraction of the text) or a data.separator."
         )
-    # a seeded random set of whole documents: representative, and no document is in both
-    order = np.random.default_rng(int(cfg_get(data_cfg, "split_seed", 1337))).permutation(
-        res.documents
+    plan.update(
+        _pick_val_docs(res.doc_chars, val_chars, int(cfg_get(data_cfg, "split_seed", 1337)))
     )
+    return plan
+
+
+VAL_SHARE_TOLERANCE = 0.25  # whole documents may miss the asked validation size by this much
+
+
+def _pick_val_docs(doc_chars: list[int], val_chars: int, seed: int) -> dict[str, Any]:
+    """A seeded random set of whole documents holding ~val_chars characters.
+
+    Whole documents keep validation free of any text the model trained on. With a few large
+    documents that can miss badly (3 files, val_fraction=0.1: one file, 51% of the text, went
+    to validation), so when whole documents land further than VAL_SHARE_TOLERANCE from the
+    asked size, validation takes the documents that fit plus the *tail* of one more document
+    (cut by position, as for a single document), and the plan says so (`note`).
+    """
+    order = np.random.default_rng(seed).permutation(len(doc_chars))
     val_docs, total = set(), 0
     for i in order[:-1]:  # never all documents: training keeps at least one
         if total >= val_chars:
             break
         val_docs.add(int(i))
-        total += res.doc_chars[int(i)]
-    plan["val_docs"] = val_docs
-    return plan
+        total += doc_chars[int(i)]
+    if abs(total - val_chars) <= VAL_SHARE_TOLERANCE * val_chars:
+        return {"val_docs": val_docs, "val_chars": total}
+    val_docs, total = set(), 0
+    for i in order:  # the documents that fit whole ...
+        if total + doc_chars[int(i)] <= val_chars and len(val_docs) < len(doc_chars) - 1:
+            val_docs.add(int(i))
+            total += doc_chars[int(i)]
+    # ... and the tail of the largest remaining one (its head stays in training)
+    rest = [int(i) for i in order if int(i) not in val_docs]
+    cut_doc = max(rest, key=lambda i: doc_chars[i])
+    take = min(val_chars - total, doc_chars[cut_doc] - 1)
+    note = (
+        f"whole documents could not hold a validation share near the one asked "
+        f"({len(doc_chars)} documents); validation = {len(val_docs)} whole document(s) + the "
+        f"last {take:,} characters of document #{cut_doc} (its first "
+        f"{doc_chars[cut_doc] - take:,} stay in training)"
+    )
+    return {
+        "val_docs": val_docs,
+        "cut_doc": cut_doc,
+        "doc_cut": doc_chars[cut_doc] - take,
+        "val_chars": total + take,
+        "note": note,
+    }
 
 
 def _assign(
     pieces: Iterator[tuple[str, bool]], plan: dict[str, Any]
 ) -> Iterator[tuple[int, str, bool]]:
     """(piece, ends_doc) -> (split index, text, starts_document_in_this_split)."""
-    doc, pos, starting = 0, 0, True
+    doc, pos, doc_pos, starting = 0, 0, 0, True
     cut = plan.get("cut")
     val_docs = plan.get("val_docs", set())
+    cut_doc, doc_cut = plan.get("cut_doc"), plan.get("doc_cut")
     for text, end in pieces:
         if cut is not None:
-            if pos < cut < pos + len(text):  # the cut falls inside this piece
-                k = cut - pos
-                yield 0, text[:k], starting
-                yield 1, text[k:], True
-            else:
-                yield (0 if pos < cut else 1), text, starting or pos == cut
+            yield from _cut_piece(text, pos, cut, starting)
+        elif doc == cut_doc:  # the tail of this document goes to validation
+            yield from _cut_piece(text, doc_pos, doc_cut, starting)
         else:
             yield (1 if doc in val_docs else 0), text, starting
         pos += len(text)
+        doc_pos = 0 if end else doc_pos + len(text)
         starting = end
         doc += int(end)
+
+
+def _cut_piece(text: str, pos: int, cut: int, starting: bool) -> Iterator[tuple[int, str, bool]]:
+    """A piece at `pos` of a text whose characters from `cut` on are validation."""
+    if pos < cut < pos + len(text):  # the cut falls inside this piece
+        k = cut - pos
+        yield 0, text[:k], starting
+        yield 1, text[k:], True
+    else:
+        yield (0 if pos < cut else 1), text, starting or pos == cut
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +322,25 @@ _TOK: Any = None
 _DTYPE: Any = None
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when the prepare process dies. A kill -9 of
+    prepare otherwise orphaned its encoding workers (still encoding a minute later, ~80 MB
+    each); a signal the parent can't catch can't be relayed by it, hence the kernel."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _start_worker(parent_pid: int, tok_dict: dict[str, Any], dtype: str) -> None:
+    _die_with_parent(parent_pid)
+    _init_worker(tok_dict, dtype)
+
+
 def _init_worker(tok_dict: dict[str, Any], dtype: str) -> None:
     global _TOK, _DTYPE
     from tinyllm.tokenizer import BPETokenizer
@@ -247,12 +348,13 @@ def _init_worker(tok_dict: dict[str, Any], dtype: str) -> None:
     _TOK, _DTYPE = BPETokenizer.from_dict(tok_dict), np.dtype(dtype)
 
 
-def _encode_task(task: list[tuple[int, str, bool]]) -> list[tuple[int, bytes, int, bool]]:
-    """Encode a batch of pieces -> (split, token bytes, UTF-8 bytes, starts_document)."""
+def _encode_task(task: list[tuple[int, str, bool]]) -> list[tuple[int, bytes, int, bool, int]]:
+    """Encode a batch of pieces -> (split, token bytes, UTF-8 bytes, starts_document, max id)."""
     out = []
     for split, text, start in task:
         ids = np.asarray(_TOK.encode(text), dtype=_DTYPE)
-        out.append((split, ids.tobytes(), len(text.encode("utf-8")), start))
+        top = int(ids.max()) if len(ids) else -1
+        out.append((split, ids.tobytes(), len(text.encode("utf-8")), start, top))
     return out
 
 
@@ -273,7 +375,7 @@ def _tasks(items: Iterator[tuple[int, str, bool]]) -> Iterator[list[tuple[int, s
 
 def _run_tasks(
     tasks: Iterator[list[tuple[int, str, bool]]], workers: int, tok_dict: dict, dtype: str
-) -> Iterator[list[tuple[int, bytes, int, bool]]]:
+) -> Iterator[list[tuple[int, bytes, int, bool, int]]]:
     """Results in task order; at most 4 tasks per worker in flight (bounded memory)."""
     if workers <= 1:
         _init_worker(tok_dict, dtype)
@@ -281,7 +383,8 @@ def _run_tasks(
             yield _encode_task(task)
         return
     ctx = get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(workers, ctx, _init_worker, (tok_dict, dtype)) as pool:
+    init_args = (os.getpid(), tok_dict, dtype)
+    with ProcessPoolExecutor(workers, ctx, _start_worker, init_args) as pool:
         pending: deque[Future] = deque()
         for task in tasks:
             pending.append(pool.submit(_encode_task, task))
@@ -429,6 +532,8 @@ def prepare_data(
     `force=True` redoes it. Returns out_dir.
     """
     out_dir = Path(out_dir)
+    for p in remove_stale_temporaries(out_dir):
+        print(f"removed {p.name}, left by a prepare that was killed", file=sys.stderr)
     source = get_source(data_cfg)
     bad_files = cfg_get(data_cfg, "bad_files", "replace")
     res = scan(source, bad_files)
@@ -453,18 +558,21 @@ def prepare_data(
         tok = _train_tokenizer(source, res, tokenizer_cfg, plan)
     if plan is None:
         plan = _plan_split(data_cfg, res, _chars_per_token(tok, source, res))
+    if plan.get("note"):
+        print(f"split: {plan['note']}", file=sys.stderr)
     workers = int(num_workers) if num_workers else (len(os.sched_getaffinity(0)) or 1)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # meta.json goes first, so a crash from here on leaves a folder that reads as incomplete
     (out_dir / "meta.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    stats = _write_bins(out_dir, source, res, plan, tok, workers)
+    stats, max_id = _write_bins(out_dir, source, res, plan, tok, workers)
     tok.save(out_dir / "tokenizer.json")
     elapsed = time.perf_counter() - t0
     meta = {
         **tokenizer_meta(tok),
         "splits": stats,
+        "max_token_id": max_id,
         **_provenance(data_cfg, source, res, plan, bad_files),
         "config_hash": config_hash,
         "created_by": _created_by(),
@@ -496,6 +604,7 @@ def _provenance(
             if val_tokens is not None
             else cfg_get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION),
             "val_tokens_requested": val_tokens,
+            "note": plan.get("note"),
         },
         "source": {
             "name": cfg_get(data_cfg, "name", source.name),
@@ -519,9 +628,9 @@ def _note_bad_files(res: ScanResult, bad_files: str) -> None:
 
 def _write_bins(
     out_dir: Path, source: Source, res: ScanResult, plan: dict, tok: Any, workers: int
-) -> dict[str, dict[str, int]]:
+) -> tuple[dict[str, dict[str, int]], int]:
     """Encode in parallel into temporary bins, renamed into place once both are whole;
-    returns tokens, bytes and documents per split."""
+    returns tokens, bytes and documents per split, and the largest id written."""
     dtype = token_dtype(tok.vocab_size)
     eos = tok.eos_id
     if eos is None:
@@ -532,18 +641,21 @@ def _write_bins(
     tmp = {s: out_dir / f".{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
     stats = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in SPLITS}
     eos_bytes = np.asarray([eos if eos is not None else 0], dtype=dtype).tobytes()
+    max_id = -1  # the largest id written: checked against the vocabulary on every load
     try:
         files = {s: open(tmp[s], "wb") for s in SPLITS}  # noqa: SIM115 (closed below)
         try:
             bar = Progress(res.bytes, f"encoding with {workers} worker(s)")
             items = _assign(iter_pieces(source, res), plan)
             for results in _run_tasks(_tasks(items), workers, tok.to_dict(), dtype):
-                for split, ids, nbytes, start in results:
+                for split, ids, nbytes, start, top in results:
                     st, f = stats[SPLITS[split]], files[SPLITS[split]]
+                    max_id = max(max_id, top)
                     if start:
                         if st["documents"] and eos is not None:  # EOS *between* documents
                             f.write(eos_bytes)
                             st["tokens"] += 1
+                            max_id = max(max_id, eos)
                         st["documents"] += 1
                     f.write(ids)
                     st["tokens"] += len(ids) // np.dtype(dtype).itemsize
@@ -565,7 +677,7 @@ def _write_bins(
     finally:
         for p in tmp.values():
             p.unlink(missing_ok=True)
-    return stats
+    return stats, max_id
 
 
 def _chars_per_token(tok: Any, source: Source, res: ScanResult, sample: int = 1 << 20) -> float:
