@@ -29,22 +29,43 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tinyllm.data.prepare import default_data_dir, prepare_data, read_meta
+from tinyllm.data.prepare import SPLITS, default_data_dir, prepare_data, read_meta
 from tinyllm.data.protocol import DataSettings
 from tinyllm.errors import TinyLLMError
 
 
+def file_identity(path: Path) -> tuple[int, int, int]:
+    """(device, inode, size): changes when the file is replaced (prepare renames new bins in)."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size
+
+
 class _Bin:
-    """A token bin opened lazily: each DataLoader worker maps the file itself (never pickled)."""
+    """A token bin opened lazily: each DataLoader worker maps the file itself (never pickled).
+
+    Two guards (TokenBinDataModule sets them): `identity`, the file as the run first saw it,
+    so a bin that another prepare replaced meanwhile is refused instead of silently mixed in
+    (an open map keeps reading the old file, which stays whole); and `vocab_size`, so an id
+    beyond the vocabulary is a clear error naming the file, not an IndexError in the model.
+    """
 
     def __init__(self, path: Path, dtype: str) -> None:
         self.path, self.dtype = Path(path), dtype
         self._data: np.ndarray | None = None
         self._offsets: dict[int, np.ndarray] = {}
+        self.identity: tuple[int, int, int] | None = None
+        self.vocab_size: int | None = None
 
     @property
     def data(self) -> np.ndarray:
         if self._data is None:
+            if self.identity is not None and file_identity(self.path) != self.identity:
+                raise TinyLLMError(
+                    f"{self.path} was replaced while this run was using it (another prepare "
+                    "rewrote the folder: force=true, or its source changed). Training on would "
+                    "mix two datasets. Restart the run; give concurrent runs separate folders "
+                    "(the default folder names differ by source and settings)."
+                )
             # a plain ndarray view of the map: indexing it skips np.memmap's subclass overhead
             self._data = np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r"))
         return self._data
@@ -53,14 +74,22 @@ class _Bin:
         return self.path.stat().st_size // np.dtype(self.dtype).itemsize
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "dtype": self.dtype, "_data": None, "_offsets": {}}
+        return {**self.__dict__, "_data": None, "_offsets": {}}
 
     def rows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """data[s : s + length] for each start -> int64 array [len(starts), length]."""
         if length not in self._offsets:
             self._offsets[length] = np.arange(length, dtype=np.int64)
         idx = starts[:, None] + self._offsets[length]  # (N, length)
-        return self.data[idx].astype(np.int64)
+        out = self.data[idx]
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            raise TinyLLMError(
+                f"{self.path} holds token id {int(out.max())}, beyond the vocabulary of its "
+                f"folder ({self.vocab_size} ids): the bin was written with another tokenizer "
+                "or is corrupted. Prepare the folder again (python -m tinyllm.prepare ... "
+                "force=true)."
+            )
+        return out.astype(np.int64)
 
 
 def to_xy(rows: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +310,8 @@ class TokenBinDataModule(L.LightningDataModule):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.meta = read_meta(self.data_dir)
+        # the bins as they were when meta.json was read (see _Bin.identity)
+        self._identity = {f"{s}.bin": file_identity(self.data_dir / f"{s}.bin") for s in SPLITS}
         self.block_size, self.batch_size = int(block_size), int(batch_size)
         self.num_workers, self.seed, self.val_windows = int(num_workers), int(seed), val_windows
         self.pin_memory = pin_memory
@@ -399,15 +430,23 @@ class TokenBinDataModule(L.LightningDataModule):
             **kw,
         )
 
+    def _guarded(self, ds: Any) -> Any:
+        """The bins' guards: the files this run started with, ids within the vocabulary."""
+        ds.bin.identity = self._identity[ds.bin.path.name]
+        ds.bin.vocab_size = int(self.meta["vocab_size"])
+        return ds
+
     def train_dataset(self) -> TrainBatches:
         rank, world = self._rank_world()
         size = (self.block_size, self.batch_size)
-        return TrainBatches(self._bin("train"), self.meta["dtype"], *size, self.seed, rank, world)
+        ds = TrainBatches(self._bin("train"), self.meta["dtype"], *size, self.seed, rank, world)
+        return self._guarded(ds)
 
     def val_dataset(self) -> ValBatches:
         rank, world = self._rank_world()
         size = (self.block_size, self.batch_size)
-        return ValBatches(self._bin("val"), self.meta["dtype"], *size, self.val_windows, rank, world)
+        ds = ValBatches(self._bin("val"), self.meta["dtype"], *size, self.val_windows, rank, world)
+        return self._guarded(ds)
 
     def _bin(self, split: str) -> Path:
         return self.data_dir / f"{split}.bin"
