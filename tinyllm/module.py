@@ -17,7 +17,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import SumMetric
 
 from tinyllm.chat import IGNORE_INDEX
 from tinyllm.checkpoint import CKPT_FORMAT_VERSION
@@ -118,8 +117,11 @@ class LitGPT(FastSetattr, L.LightningModule):
         # bits per byte = nats per token / ln 2 * tokens per byte (of the validation split)
         self.tokens_per_byte = _tokens_per_byte(data_meta)
         # Sums (not means) so DDP ranks with uneven shards still give the exact corpus mean.
-        self.val_nll_sum = SumMetric()
-        self.val_token_count = SumMetric()
+        # Plain float64 tensors, not metric states: torchmetrics' SumMetric drops NaN (a
+        # diverged run reported val/loss 0.0 and ranked best), and precision=bf16-true casts
+        # metric states to bf16 (8 bits of mantissa for a sum over the whole val split).
+        self._val_sums: torch.Tensor | None = None  # [nll sum, target count], float64
+        self.val_results: dict[str, float] = {}  # the latest validation's figures, exact
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.last_val_step = -1  # the global step of the latest validation (every rank)
@@ -220,23 +222,36 @@ class LitGPT(FastSetattr, L.LightningModule):
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
-        self.val_nll_sum.update(nll)
-        self.val_token_count.update((y != IGNORE_INDEX).sum())
+        n = (y != IGNORE_INDEX).sum()
+        # (MPS has no float64: accumulate there on the CPU)
+        dev = "cpu" if nll.device.type == "mps" else nll.device
+        pair = torch.stack([nll.double(), n.double()]).to(dev)  # no host sync on CUDA
+        self._val_sums = pair if self._val_sums is None else self._val_sums + pair
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
 
     def on_validation_epoch_end(self) -> None:
         self.last_val_step = self.global_step
-        n = self.val_token_count.compute()
-        if n.item() == 0:
+        sums = self._val_sums
+        if sums is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._val_sums = None
+        if self.trainer.world_size > 1:  # every rank's shard: exact corpus sums
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        nll, n = (float(v) for v in sums.cpu())
+        if n == 0:
             return
-        val_loss = self.val_nll_sum.compute() / n
-        self.val_nll_sum.reset()
-        self.val_token_count.reset()
-        metrics = {"val/loss": val_loss, "val/ppl": torch.exp(val_loss.clamp(max=30))}
+        val_loss = nll / n  # NaN stays NaN: a diverged model is reported, never ranked
+        results = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 30.0))}
         if self.tokens_per_byte is not None:
-            metrics["val/bpb"] = val_loss / math.log(2) * self.tokens_per_byte
+            results["val/bpb"] = val_loss / math.log(2) * self.tokens_per_byte
         else:  # bytes unknown: bits per token, under its own name (never passed off as bpb)
-            metrics["val/bits_per_token"] = val_loss / math.log(2)
-        self.log_dict(metrics, prog_bar=True, sync_dist=False)
+            results["val/bits_per_token"] = val_loss / math.log(2)
+        self.val_results = results
+        # (float64 tensors: Lightning keeps their dtype, where floats become default-dtype)
+        logged = {k: torch.tensor(v, dtype=torch.float64) for k, v in results.items()}
+        self.log_dict(logged, prog_bar=True, sync_dist=False)
 
     # -- optimizer ---------------------------------------------------------------------------
     def configure_optimizers(self):
