@@ -8,6 +8,9 @@ throughput is measured with wall-clock time over windows of steps, without devic
 
 from __future__ import annotations
 
+import math
+import os
+import socket
 import statistics
 import time
 import warnings
@@ -19,14 +22,20 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from tinyllm.checkpoint import add_checksum, load_trusted_types_only
 from tinyllm.io import torch_save_atomic, write_json_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to a temporary name and rename: a crash never leaves half a file."""
+    """Write checkpoints to a temporary name and rename: a crash never leaves half a file.
+    Each file carries a checksum of its tensors; loading (resume) uses the safe unpickler
+    only and verifies it (tinyllm/checkpoint.py)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        torch_save_atomic(checkpoint, path)
+        torch_save_atomic(add_checksum(checkpoint), path)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: Any = None) -> Any:
+        return load_trusted_types_only(path, map_location or "cpu")
 
 
 class ThroughputMonitor(L.Callback):
@@ -106,7 +115,14 @@ class ThroughputMonitor(L.Callback):
 
 
 class MetricsFile(L.Callback):
-    """Keeps `<run_dir>/metrics.json` up to date: status, final figures and the val history."""
+    """Keeps `<run_dir>/metrics.json` up to date: status, final figures and the val history.
+
+    It also records the process (pid, host) and a heartbeat time, rewritten at least every
+    HEARTBEAT_S of training: a run killed by -9 cannot mark itself, but `report` (and a
+    user) can tell it from a live one (analysis/sweep.py's is_stale: status `stale`).
+    """
+
+    HEARTBEAT_S = 60.0
 
     def __init__(self, run_dir: str | Path, throughput: ThroughputMonitor, extra: dict) -> None:
         self.path = Path(run_dir) / "metrics.json"
@@ -115,11 +131,19 @@ class MetricsFile(L.Callback):
         self.history: list[dict[str, float]] = []
         self.t_start = time.time()
         self.data: dict[str, Any] = {}
+        self.stopper: Any = None  # tinyllm.stopping.LastCheckpoint (its signal, if any)
+        self._last_write = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero and time.time() - self._last_write >= self.HEARTBEAT_S:
+            self.write(trainer, pl_module, "running")  # the heartbeat
 
     def _val_metrics(self, trainer) -> dict[str, float]:
+        # LitGPT's exact float64 figures first (what Lightning logs may be rounded)
+        exact = getattr(trainer.lightning_module, "val_results", {})
         out = {}
         for k in ("val/loss", "val/bpb", "val/bits_per_token", "val/ppl", "val/exact_match"):
-            v = trainer.callback_metrics.get(k)
+            v = exact.get(k, trainer.callback_metrics.get(k))
             if v is not None:
                 out[k] = float(v)
         return out
@@ -141,6 +165,8 @@ class MetricsFile(L.Callback):
         self.write(trainer, pl_module, "running")
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.stopper is not None and self.stopper.signum is not None:
+            return  # stopped by a signal: train.py writes `interrupted` with the resume command
         self.write(trainer, pl_module, "completed")
         bpb = self.data.get("val/bpb") if self.data else None
         if bpb is not None and trainer.is_global_zero:
@@ -149,7 +175,7 @@ class MetricsFile(L.Callback):
                 logger.log_metrics({"hp/val_bpb": bpb}, step=trainer.global_step)
 
     @rank_zero_only
-    def write(self, trainer, pl_module, status: str, error: str | None = None) -> None:
+    def write(self, trainer, pl_module, status: str, error: str | None = None, **more) -> None:
         tps = None
         if self.throughput.train_time > 0:
             tps = pl_module.tokens_seen / self.throughput.train_time
@@ -167,6 +193,12 @@ class MetricsFile(L.Callback):
             "wall_time_s": round(time.time() - self.t_start, 3),
             "train_time_s": round(self.throughput.train_time, 3),
             "error": error,
+            "skipped_steps": getattr(pl_module, "skipped_steps", 0),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "heartbeat": time.time(),
+            "heartbeat_every_s": self.HEARTBEAT_S,
+            **more,
             "history": self.history,
             **self.extra,
         }
@@ -174,7 +206,12 @@ class MetricsFile(L.Callback):
             section = getattr(cb, "metrics_json", None)
             if callable(section):
                 data.update(section())
+        if status == "completed" and not _finite(data.get("val/loss"), True):
+            # a diverged run must not look finished: its val figures are NaN, never ranked
+            data["status"] = "degraded"
+            data["error"] = error or "the validation loss is not finite (the run diverged)"
         self.data = data
+        self._last_write = time.time()
         write_json_atomic(self.path, data)
 
 
@@ -191,6 +228,8 @@ class TextSampler(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.tokenizer is None or self.max_new_tokens <= 0:
             return
+        if not math.isfinite(getattr(pl_module, "val_results", {}).get("val/loss", 0.0)):
+            return  # a diverged model's probabilities are NaN: nothing to sample
         from tinyllm.sampling import generate
 
         model = pl_module.model
@@ -216,3 +255,9 @@ class TextSampler(L.Callback):
             if hasattr(exp, "add_text"):
                 # Markdown code block: keeps the model's whitespace visible in TensorBoard.
                 exp.add_text("samples", "```\n" + text + "\n```", trainer.global_step)
+
+
+def _finite(v: Any, none_ok: bool = False) -> bool:
+    if v is None:
+        return none_ok
+    return math.isfinite(float(v))

@@ -14,6 +14,7 @@ config (see tinyllm/launch.py for why we do not let Lightning re-run sys.argv un
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -103,13 +104,17 @@ def setup(cfg: DictConfig) -> RunContext:
         per_step = int(cfg.batch_size) * int(cfg.model.block_size) * accum * world
         max_steps = max(1, math.ceil(float(cfg.budget.max_tokens) / per_step))
     max_time_s = cfg.budget.get("max_time_s")
+    global _RANK_ZERO
+    _RANK_ZERO = _is_rank_zero()  # (read once: the launch env is cleared at the end of fit)
+    if _RANK_ZERO:
+        _remove_leftovers(Path(hc.runtime.output_dir), cfg.ckpt_path)
     return RunContext(
         run_dir=Path(hc.runtime.output_dir),
         overrides=list(hc.overrides.task),
         accelerator=accel,
         n_local=n_local,
         world=world,
-        rank_zero=_is_rank_zero(),
+        rank_zero=_RANK_ZERO,
         allocator=apply_cpu_allocator(str(cfg.perf.cpu_allocator), accel),
         max_steps=max_steps,
         max_time_s=float(max_time_s) if max_time_s else None,
@@ -127,7 +132,7 @@ def build_data(cfg: DictConfig, ctx: RunContext) -> Any:
         seed=_seed(cfg, "data_seed"),
         tokenizer=OmegaConf.to_container(cfg.tokenizer, resolve=True),
         num_workers=int(cfg.loader.num_workers),
-        val_windows=cfg.loader.val_windows,
+        val_windows=_val_windows(cfg.loader.val_windows, int(cfg.model.block_size)),
         data_root=str(cfg.data_root),
         data_dir=cfg.data_dir,
         force_prepare=bool(cfg.force_prepare),
@@ -136,7 +141,45 @@ def build_data(cfg: DictConfig, ctx: RunContext) -> Any:
     )
     node = OmegaConf.to_container(cfg.data, resolve=True)
     node.setdefault("_target_", DEFAULT_BUILDER)  # (a data group written for the Python API)
-    return _instantiate(node, "data", settings)
+    data = _instantiate(node, "data", settings)
+    if ctx.rank_zero and hasattr(data, "val_windows"):  # (token bins: say how large)
+        _print(_val_size(data.meta, settings.block_size, data.val_windows))
+    return data
+
+
+# Validation scores a fixed set of windows evenly spaced over the val split: the same windows
+# for every run of a sweep (at one block_size) and at every validation. Every window of a
+# large corpus made validation 530 of a run's 538 s; about a million tokens measure val/bpb
+# to ~0.01 and take seconds.
+VAL_TOKENS = 1 << 20
+
+
+def _val_windows(spec: Any, block_size: int) -> int | None:
+    """loader.val_windows: auto (about VAL_TOKENS tokens), all/null (every window), or N."""
+    if spec is None or str(spec) == "all":
+        return None
+    if str(spec) == "auto":
+        return math.ceil(VAL_TOKENS / block_size)
+    try:
+        n = int(spec)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise TinyLLMError(
+            f"loader.val_windows={spec!r}: use auto (about {VAL_TOKENS:,} tokens), all, or a "
+            "positive number of windows."
+        )
+    return n
+
+
+def _val_size(meta: dict[str, Any], block_size: int, windows: int | None) -> str:
+    total = max(0, (int(meta["splits"]["val"]["tokens"]) - 1) // block_size)
+    k = total if windows is None else min(windows, total)
+    return (
+        f"tinyllm: validation scores {k:,} of the {total:,} windows of the val split "
+        f"({k * block_size:,} tokens, evenly spaced, the same at every validation; "
+        "loader.val_windows=all for every window)"
+    )
 
 
 def build_module(cfg: DictConfig, data: Any, ctx: RunContext) -> Any:
@@ -226,9 +269,12 @@ def fit(cfg: DictConfig, job: Fit, lit: Any, data: Any) -> None:
     """trainer.fit; a run stopped between validations (a time budget) is scored at its end.
     Any failure marks metrics.json failed and stops our DDP workers."""
     trainer = job.trainer
+    stopper = job.metrics.stopper
     try:
         trainer.fit(lit, datamodule=data, ckpt_path=cfg.ckpt_path)
-        if lit.last_val_step != trainer.global_step and not trainer.interrupted:
+        if stopper.signum is not None:  # SIGTERM/SIGINT: last.ckpt is written; no more work
+            _interrupted(trainer, lit, job.metrics)
+        elif lit.last_val_step != trainer.global_step and not trainer.interrupted:
             trainer.validate(lit, datamodule=data, verbose=False)
             job.metrics.write(trainer, lit, "completed")
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
@@ -237,8 +283,9 @@ def fit(cfg: DictConfig, job: Fit, lit: Any, data: Any) -> None:
     except BaseException as e:
         if job.workers is not None:
             job.workers.kill()
-        if _is_rank_zero():
-            job.metrics.write(trainer, lit, "failed", error=f"{type(e).__name__}: {e}")
+        if _RANK_ZERO:
+            with contextlib.suppress(OSError):  # (a full disk: the error raised says so)
+                job.metrics.write(trainer, lit, "failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         clear_launch_env()
@@ -249,6 +296,8 @@ def fit(cfg: DictConfig, job: Fit, lit: Any, data: Any) -> None:
 def finish(job: Fit, ctx: RunContext) -> dict[str, Any]:
     """The final figures (as in metrics.json), and one line saying where they are."""
     final = dict(job.metrics.data)
+    if job.metrics.stopper.signum is not None:
+        return final  # (with exit_code 143/130 for main)
     if ctx.rank_zero:
         score = final.get(job.monitor)
         _print(
@@ -258,6 +307,21 @@ def finish(job: Fit, ctx: RunContext) -> dict[str, Any]:
             f"checkpoint {ctx.run_dir / 'checkpoints' / 'last.ckpt'}"
         )
     return final
+
+
+def _interrupted(trainer, lit, metrics) -> None:
+    """metrics.json says interrupted (with the step); the exact command that resumes."""
+    from tinyllm.stopping import resume_command
+
+    stopper = metrics.stopper
+    last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    cmd = resume_command(list(HydraConfig.get().overrides.task), last)
+    metrics.write(trainer, lit, "interrupted", signal=stopper.signal_name, resume=cmd,
+                  exit_code=stopper.exit_code)  # fmt: skip
+    _print(
+        f"tinyllm: stopped by {stopper.signal_name} after step {trainer.global_step}; "
+        f"{last} holds that step. Resume with:\n  {cmd}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,16 +344,21 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
 
     from tinyllm.callbacks import MetricsFile, TextSampler, ThroughputMonitor
     from tinyllm.perf import StepProgressBar
+    from tinyllm.stopping import LastCheckpoint
 
     ckpt_dir = ctx.run_dir / "checkpoints"
     throughput = ThroughputMonitor(
         every=int(cfg.trainer.log_every_n_steps), peak_flops=_peak_flops(cfg, ctx.accelerator)
     )
     metrics = MetricsFile(ctx.run_dir, throughput, {**extra, "best_checkpoint_metric": monitor})
-    cbs = [throughput, metrics]
-    # best.ckpt by the validation metric; last.ckpt always (every validation and at the end)
+    # last.ckpt: the newest weights at every validation, at the end, every
+    # checkpoint.every_n_minutes and on SIGTERM/SIGINT (tinyllm/stopping.py)
+    last = LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.get("every_n_minutes"))
+    metrics.stopper = last
+    cbs = [throughput, metrics, last]
+    # best.ckpt by the validation metric
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min",
-                           save_top_k=1, save_last=True, enable_version_counter=False)  # fmt: skip
+                           save_top_k=1, save_last=False, enable_version_counter=False)  # fmt: skip
     cbs.append(best)
     if cfg.trainer.get("enable_progress_bar", True) and cfg.perf.fast_progress_bar:
         cbs.append(StepProgressBar(refresh_rate=10))  # (else Lightning's stock bar)
@@ -429,6 +498,21 @@ def _quiet_lightning_logs() -> None:
     # Our train sampler derives its position from the restored global step, so a mid-epoch
     # resume continues the same stream; Lightning cannot know that and warns.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+_RANK_ZERO: bool | None = None  # this process's rank-zero-ness, as found when setup ran
+
+
+def _remove_leftovers(run_dir: Path, ckpt_path: Any) -> None:
+    """Temporaries of checkpoint/metrics writes killed by -9 (their writer is gone)."""
+    from tinyllm.io import remove_stale_temporaries
+
+    folders = {run_dir, run_dir / "checkpoints"}
+    if ckpt_path:
+        folders.add(Path(str(ckpt_path)).parent)
+    for folder in folders:
+        for p in remove_stale_temporaries(folder):
+            _print(f"tinyllm: removed {p}, left by a write that was killed")
 
 
 def _is_rank_zero() -> bool:
@@ -610,6 +694,8 @@ def main(cfg: DictConfig) -> float | None:
             if not sweep:
                 raise
             traceback.print_exc()  # one broken job must not take the sweep down
+    if final.get("exit_code"):  # stopped by SIGTERM/SIGINT: 143/130, as a shell reports it
+        sys.exit(final["exit_code"])
     score = final.get("val/bpb")  # (what a Hydra optimizing sweeper minimizes)
     if score is None:
         score = final.get("val/bits_per_token")
@@ -617,8 +703,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _write_failed(error: str) -> None:
-    """Mark the run failed in metrics.json (keeping what an earlier write recorded)."""
-    if not _is_rank_zero():
+    """Mark the run failed in metrics.json (keeping what an earlier write recorded).
+
+    Only the process that was rank zero when the run started writes: a DDP worker's launch
+    environment is cleared at the end of fit, after which it looked like rank zero too.
+    """
+    if not (_is_rank_zero() if _RANK_ZERO is None else _RANK_ZERO):
         return
     import json
 
@@ -632,7 +722,10 @@ def _write_failed(error: str) -> None:
     data.update(status="failed", error=error)
     for k in ("val/loss", "val/bpb", "train/tokens_per_s", "params", "step"):
         data.setdefault(k, None)
-    write_json_atomic(path, data)
+    try:
+        write_json_atomic(path, data)
+    except (OSError, TinyLLMError) as e:  # e.g. the full disk that failed the run: say so
+        print(f"tinyllm: could not mark {path} failed ({e})", file=sys.stderr)
 
 
 if __name__ == "__main__":
