@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,38 @@ import yaml
 
 from tinyllm.errors import TinyLLMError
 
-STATUSES = ("completed", "failed", "running")
+# completed, or stopped early by SIGTERM/SIGINT (resumable); failed; degraded (finished with a
+# non-finite validation loss); running; stale (says running, but its process is gone: a kill -9)
+STATUSES = ("completed", "interrupted", "failed", "degraded", "running", "stale")
+STALE_AFTER_S = 600.0  # a "running" job whose heartbeat is older than this (and than 3
+# heartbeat intervals) is stale; on the job's own host a dead pid tells at once
+
+
+def is_stale(metrics: dict[str, Any], now: float | None = None) -> bool:
+    """A metrics.json that says running although its writer is gone (killed by -9 or a node
+    failure, which no handler can record): its pid is dead on this host, or its heartbeat
+    (written every heartbeat_every_s by the training process) has stopped."""
+    if str(metrics.get("status") or "running") != "running":
+        return False
+    pid, host = metrics.get("pid"), metrics.get("host")
+    if isinstance(pid, int) and host == socket.gethostname():
+        return not _pid_alive(pid)
+    beat = _finite(metrics.get("heartbeat"))
+    if beat is None:
+        return False  # (written before heartbeats were recorded: cannot tell)
+    every = _finite(metrics.get("heartbeat_every_s")) or 0.0
+    age = (time.time() if now is None else now) - beat
+    return age > max(STALE_AFTER_S, 3 * every)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process / not a pid
+        return True
+    return True
 
 
 def is_seed_key(key: str) -> bool:
@@ -207,6 +241,8 @@ def _read_metrics(job_dir: Path) -> tuple[str, dict[str, Any], str | None]:
     if not isinstance(metrics, dict):
         return "unreadable", {}, f"{path}: expected a JSON object, got {type(metrics).__name__}"
     status = str(metrics.get("status") or "running")
+    if is_stale(metrics):
+        status = "stale"
     return status, metrics, None
 
 
