@@ -84,8 +84,7 @@ def _validate(meta: dict | None) -> dict[str, float]:
     lit = LitGPT(MICRO, data_meta=meta)
     logged: dict[str, float] = {}
     lit.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
-    lit.val_nll_sum.update(torch.tensor(20.0))
-    lit.val_token_count.update(torch.tensor(10))
+    lit._val_sums = torch.tensor([20.0, 10.0], dtype=torch.float64)  # [nll sum, tokens]
     lit.on_validation_epoch_end()
     return logged
 

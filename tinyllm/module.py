@@ -237,8 +237,9 @@ class LitGPT(FastSetattr, L.LightningModule):
         if sums is None:
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._val_sums = None
-        if self.trainer.world_size > 1:  # every rank's shard: exact corpus sums
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        trainer = self._trainer  # (None when called outside a fit, e.g. in tests)
+        if trainer is not None and trainer.world_size > 1:  # every rank's shard: exact sums
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
         nll, n = (float(v) for v in sums.cpu())
         if n == 0:
             return
