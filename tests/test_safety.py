@@ -483,6 +483,15 @@ def test_last_ckpt_holds_the_newest_weights_when_validation_stops_improving(
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     assert best["global_step"] == 3 and last["global_step"] == 6
+    # (and metrics.json names the process, with a heartbeat)
+    import json
+    import os
+    import socket
+    import time
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["pid"] == os.getpid() and m["host"] == socket.gethostname()
+    assert 0 <= time.time() - m["heartbeat"] < 600 and m["status"] == "completed"
 
 
 def test_a_diverged_run_reports_nan_and_is_degraded(corpus, data_root, tmp_path):

@@ -138,6 +138,11 @@ class MetricsFile(L.Callback):
         if trainer.is_global_zero and time.time() - self._last_write >= self.HEARTBEAT_S:
             self.write(trainer, pl_module, "running")  # the heartbeat
 
+    def on_validation_batch_end(self, trainer, pl_module, *args: Any, **kwargs: Any) -> None:
+        # (a long validation must not read as a dead run)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.on_train_batch_end(trainer, pl_module, None, None, 0)
+
     def _val_metrics(self, trainer) -> dict[str, float]:
         # LitGPT's exact float64 figures first (what Lightning logs may be rounded)
         exact = getattr(trainer.lightning_module, "val_results", {})
