@@ -449,7 +449,7 @@ def test_report_marks_a_killed_run_stale(tmp_path):
 
     from test_report import metrics_for, write_job
 
-    from tinyllm.analysis import load_sweep
+    from tinyllm.analysis import load_sweep, summarize
     from tinyllm.report import main
 
     dead = subprocess.Popen(["true"])
@@ -464,8 +464,14 @@ def test_report_marks_a_killed_run_stale(tmp_path):
               pid=1, host="elsewhere", heartbeat=now - 3600, heartbeat_every_s=60))  # fmt: skip
     write_job(root, 3, ["pos=none", "seed=0"], metrics_for(2.3, status="running",
               pid=1, host="elsewhere", heartbeat=now, heartbeat_every_s=60))  # fmt: skip
+    nan = float("nan")  # a diverged run: reported as NaN, `degraded`, never ranked
+    write_job(root, 4, ["pos=rope2", "seed=0"], metrics_for(nan, status="degraded"))
     sweep = load_sweep(root)
-    assert [r.status for r in sweep.runs] == ["completed", "stale", "stale", "running"]
+    assert [r.status for r in sweep.runs] == ["completed", "stale", "stale", "running", "degraded"]
+    means = {row.key: row.mean for row in summarize(sweep, "val/bpb")}
+    assert means == {(("pos", "learned"),): 2.1, (("pos", "rope"),): None,
+                     (("pos", "alibi"),): None, (("pos", "none"),): None,
+                     (("pos", "rope2"),): None}  # fmt: skip
     assert main([str(root), "--out", str(tmp_path / "rep")]) in (0, None)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| 1 | `pos=rope seed=0` | stale |" in md
