@@ -27,7 +27,7 @@ MICRO = {"vocab_size": 64, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd"
 def test_atomic_write_leaves_the_old_file_and_no_temporary_on_failure(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "metrics.json"
     write_json_atomic(path, {"a": torch.tensor(1.5), "b": float("inf")})
-    assert path.read_text() == '{\n  "a": 1.5,\n  "b": Infinity\n}\n'
+    assert path.read_text() == '{\n  "a": 1.5,\n  "b": "Infinity"\n}\n'  # strict JSON
 
     def broken(p: Path) -> None:
         p.write_text("half")

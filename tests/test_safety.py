@@ -509,10 +509,14 @@ def test_a_diverged_run_reports_nan_and_is_degraded(corpus, data_root, tmp_path)
     diverge = ["nan_policy=skip", "optim.lr=1e12", "optim.warmup_steps=0",
                "trainer.gradient_clip_val=null"]  # fmt: skip
     train_in_process([*base(corpus, data_root), *diverge], run_dir)
-    m = json.loads((run_dir / "metrics.json").read_text())
+    def refuse(word: str) -> None:
+        raise AssertionError(f"metrics.json is not strict JSON: bare {word}")
+
+    # strict JSON (jq and JavaScript reject bare NaN); the NaN is a string float() reads
+    m = json.loads((run_dir / "metrics.json").read_text(), parse_constant=refuse)
     assert m["status"] == "degraded" and m["skipped_steps"] > 0
-    assert math.isnan(m["val/loss"]) and math.isnan(m["val/bpb"])
-    assert all(math.isnan(h["val/loss"]) for h in m["history"])
+    assert m["val/loss"] == "NaN" and math.isnan(float(m["val/bpb"]))
+    assert all(math.isnan(float(h["val/loss"])) for h in m["history"])
 
 
 def test_val_loss_is_exact_under_bf16_true(corpus, data_root, tmp_path):

@@ -118,8 +118,26 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """JSON with an indent and a final newline; tensors become numbers, NaN/inf become null."""
-    return write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    """Strict JSON with an indent and a final newline; tensors become numbers.
+
+    JSON has no NaN or infinity (Python's json would write the bare words, which strict
+    readers such as jq or JavaScript reject): a non-finite float is written as the string
+    "NaN", "Infinity" or "-Infinity", which `float()` reads back. A diverged run's val/loss
+    stays visibly NaN instead of turning into null or 0."""
+    text = json.dumps(_finite_json(data), indent=2, default=_json_default, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
+
+
+def _finite_json(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return "NaN" if o != o else ("Infinity" if o > 0 else "-Infinity")
+    if isinstance(o, dict):
+        return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_json(v) for v in o]
+    if hasattr(o, "numel") and hasattr(o, "tolist"):  # a tensor (without importing torch)
+        return _finite_json(o.item() if o.numel() == 1 else o.tolist())
+    return o
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> Path:
@@ -136,10 +154,6 @@ def _torch_save(obj: Any, p: Path) -> None:
 
 
 def _json_default(o: Any) -> Any:
-    if hasattr(o, "numel") and hasattr(o, "tolist"):  # a tensor (without importing torch)
-        return o.item() if o.numel() == 1 else o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     return str(o)
 
 
