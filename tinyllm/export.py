@@ -274,4 +274,6 @@ def _hydra_main() -> None:
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(_hydra_main, "export")

@@ -729,4 +729,6 @@ def _write_failed(error: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(main, "train")
