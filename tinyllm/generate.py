@@ -14,6 +14,7 @@ The Python API lives in tinyllm.sampling and is re-exported here:
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import warnings
@@ -136,14 +137,25 @@ def _sampling(cfg: DictConfig) -> SamplingConfig:
     ).validate()
 
 
+# Hydra keeps a backslash in a command-line string as it is: stop='["\n\n"]' arrives as
+# backslash-n. Read the common escapes, so the documented form means a blank line (a real
+# newline from a YAML file is left alone; write \\n for a literal backslash-n).
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""`\n`, `\t`, `\r` and `\\` in a command-line string -> newline, tab, CR, backslash."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def _stops(cfg: DictConfig) -> list[str]:
     stop = cfg.get("stop")
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
+        return [unescape(stop)]
     if isinstance(stop, ListConfig | list | tuple):
-        return [str(s) for s in stop]
+        return [unescape(str(s)) for s in stop]
     raise TinyLLMError(f"`stop={stop}` must be a string or a list of strings, e.g. stop='[END]'.")
 
 
@@ -200,7 +212,13 @@ def run(cfg: DictConfig) -> None:
     stop = _stops(cfg)
     prompt = _prompt(cfg)
     dtype = str(cfg.get("dtype", "fp32"))
-    model, tokenizer, ckpt_chat = load_for_generation(cfg.get("ckpt"), device, dtype)
+    ckpt = cfg.get("ckpt")
+    if str(ckpt) == "latest":  # say which: after a sweep the newest is the last job's
+        from tinyllm.checkpoint import resolve_ckpt
+
+        ckpt = resolve_ckpt("latest")
+        print(f"[ckpt=latest: {ckpt}]", file=sys.stderr, flush=True)
+    model, tokenizer, ckpt_chat = load_for_generation(ckpt, device, dtype)
     template = _chat_template(cfg, ckpt_chat)
     opts = dict(stop=stop, chat_template=template, sampling=sampling)
     if _opt(cfg, "interactive", bool):
