@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tinyllm.errors import TinyLLMError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -28,7 +30,11 @@ def hydra_entry(main: Callable[[], Any], config_name: str) -> None:
     user_full = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its report
     try:
+        if config_name == "train":
+            sys.argv[1:] = resume_in_place(sys.argv[1:])
         main()
+    except TinyLLMError as e:
+        _exit_config_error(str(e))
     except CompactHydraException as e:  # parsing overrides, composing the config
         if user_full == "1":
             raise
@@ -41,6 +47,67 @@ def hydra_entry(main: Callable[[], Any], config_name: str) -> None:
         if user_full == "1":
             raise
         _report_like_hydra(e)
+
+
+def resume_in_place(argv: list[str], outputs: str | Path = "outputs") -> list[str]:
+    """Resuming continues the run in its own directory (one checkpoint set, one history).
+
+    - `resume=RUN_DIR` (or `resume=latest`): the run's own composed config
+      (RUN_DIR/.hydra/config.yaml), its directory and its checkpoints/last.ckpt; further
+      overrides apply on top (e.g. a larger trainer.max_steps).
+    - `ckpt_path=RUN_DIR/checkpoints/X.ckpt` (or `ckpt_path=latest`): the command as given,
+      run in RUN_DIR instead of a new outputs/<date>/<time>/ (unless hydra.run.dir= is given).
+    Hydra picks the run directory before our code runs, hence a rewrite of the command line.
+    """
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    resume = [a for a in argv if a.startswith("resume=")]
+    if resume and multirun:
+        raise TinyLLMError("resume= continues one run; it cannot be part of a sweep (-m).")
+    if resume:
+        run = _run_dir(resume[-1].split("=", 1)[1], outputs, "resume")
+        rest = [a for a in argv if not a.startswith(("resume=", "ckpt_path=", "hydra.run.dir="))]
+        return [
+            "--config-dir", str(run / ".hydra"), "--config-name", "config",
+            f"hydra.run.dir={run}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *rest,
+        ]  # fmt: skip
+    ckpt = [a for a in argv if a.startswith("ckpt_path=")]
+    if not ckpt or multirun or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    value = ckpt[-1].split("=", 1)[1]
+    if value == "latest":
+        path = _run_dir("latest", outputs, "ckpt_path") / "checkpoints" / "last.ckpt"
+        argv = [a for a in argv if not a.startswith("ckpt_path=")] + [f"ckpt_path={path}"]
+    else:
+        path = Path(value)
+    if path.parent.name != "checkpoints":
+        return argv  # a checkpoint outside a run directory: a new run directory
+    return [*argv, f"hydra.run.dir={path.parent.parent}"]
+
+
+def _run_dir(spec: str, outputs: str | Path, option: str) -> Path:
+    """A run directory with checkpoints/last.ckpt: the one named, or the newest under outputs/."""
+    if spec == "latest":
+        found = sorted(
+            Path(outputs).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
+        if not found:
+            raise TinyLLMError(
+                f"{option}=latest found no checkpoints/last.ckpt under '{outputs}/'. Train a "
+                "model first (`python -m tinyllm.train`), or name the run directory."
+            )
+        return found[-1].parent.parent
+    run = Path(spec)
+    need = [run / "checkpoints" / "last.ckpt"] + (
+        [run / ".hydra" / "config.yaml"] if option == "resume" else []
+    )
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        raise TinyLLMError(
+            f"{option}={spec}: {', '.join(missing)} not found. Pass the directory of a run "
+            "started by `python -m tinyllm.train` (outputs/<date>/<time>, the folder holding "
+            f"checkpoints/ and .hydra/), or {option}=latest for the newest one."
+        )
+    return run
 
 
 def _exit_config_error(msg: str) -> NoReturn:
