@@ -68,3 +68,53 @@ def test_sliding_window_warning_is_said_once_after_the_text(tmp_path, monkeypatc
     assert seen.startswith(text)  # the whole text first, uninterrupted
     rest = seen[len(text) :]
     assert rest.count("sliding window") == 1 and rest.startswith("warning: Generation reached")
+
+
+def test_ddp_sync_dist_advice_is_silenced_only_for_reduced_val_metrics() -> None:
+    import warnings
+
+    from tinyllm.train import _quiet_lightning_logs
+
+    def lightning_advice(name: str) -> str:  # Lightning's words (logger_connector/result.py)
+        return (
+            f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)` when logging on "
+            "epoch level in distributed setting to accumulate the metric across devices."
+        )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_lightning_logs()
+        for name in ("val/loss", "val/ppl", "val/bpb", "val/exact_match", "val/other"):
+            warnings.warn(lightning_advice(name), UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [lightning_advice("val/other")]
+
+
+def test_fsdp_on_a_cpu_talks_about_fsdp(tmp_path: Path) -> None:
+    import pytest
+    import torch
+    from train_utils import TINY, train_in_process
+
+    from tinyllm.errors import TinyLLMError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    overrides = [o for o in TINY if not o.startswith("trainer.accelerator")]
+    # trainer=fsdp also sets accelerator=gpu: its "no GPU" error used to come first
+    with pytest.raises(TinyLLMError, match=r"trainer=fsdp\) runs on CUDA GPUs only"):
+        train_in_process([*overrides, "trainer=fsdp"], tmp_path / "run")
+
+
+def test_missing_checkpoint_suggests_the_option_of_the_command(tmp_path: Path) -> None:
+    import pytest
+
+    from tinyllm.checkpoint import read_checkpoint
+    from tinyllm.errors import TinyLLMError
+
+    with pytest.raises(TinyLLMError) as info:
+        read_checkpoint(tmp_path / "x.ckpt", option="ckpt_path")
+    assert "ckpt_path=latest" in str(info.value) and "`ckpt=latest`" not in str(info.value)
+    with pytest.raises(TinyLLMError, match="`ckpt=latest`"):
+        read_checkpoint(tmp_path / "x.ckpt")  # generate's option
+    with pytest.raises(TinyLLMError) as info:
+        read_checkpoint(tmp_path / "x.ckpt", option="init_from")
+    assert "init_from=" in str(info.value) and "latest" not in str(info.value)
