@@ -109,7 +109,7 @@ class PlainProgress(L.Callback):
         shown = ("val/loss", "val/bpb", "val/exact_match")
         values = [f"{k} {float(v):.4f}" for k, v in trainer.callback_metrics.items() if k in shown]
         if values:
-            self._print(f"validation at step {trainer.global_step}: " + " | ".join(values))
+            self._print(f"validation at step {trainer.global_step:,}: " + " | ".join(values))
 
     def line(self, step: int, metrics: dict[str, Any]) -> str:
         elapsed = self.clock.elapsed()
