@@ -518,9 +518,9 @@ def _quiet_lightning_logs() -> None:
     # resume continues the same stream; Lightning cannot know that and warns.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     # Under DDP Lightning recommends sync_dist=True for each epoch-level metric we log with
-    # sync_dist=False. Ours are already reduced across ranks: val/loss, val/ppl and val/bpb come
-    # from torchmetrics sums (synced in compute()), val/exact_match from an explicit all-reduce.
-    # Syncing again would cost a collective per key and change nothing.
+    # sync_dist=False. Ours are already reduced across ranks before they are logged (val/loss,
+    # val/ppl and val/bpb from sums over every rank's windows, val/exact_match from an explicit
+    # all-reduce of the hit counts): syncing again would cost a collective and change nothing.
     warnings.filterwarnings(
         "ignore", message=r".*self\.log\('val/(loss|ppl|bpb|exact_match)', \.\.\., sync_dist=True\)"
     )
