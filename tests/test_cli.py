@@ -39,6 +39,7 @@ def _message(config_name: str, overrides: list[str]) -> str:
         ("export", ["dtyp=bf16"], ["export config has no key `dtyp`", "`dtype`?"]),
         ("visualize", ["promt=hi"], ["visualize config has no key `promt`", "`prompt`?"]),
         ("train", ["model=["], ["`model=[` is not a valid override"]),
+        ("inspect", ["stpe=3"], ["inspect config has no key `stpe`", "`step`?"]),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_option_the_choices_and_the_closest_match(
