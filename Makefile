@@ -12,7 +12,13 @@ ARGS ?=
 .PHONY: help install install-dev train test test-all lint fmt bench tb clean
 
 help: ## list the targets
+	@echo "Usage: make TARGET [ARGS=\"...\"]"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo
+	@echo "ARGS passes overrides / options to the target's command, e.g.:"
+	@echo "  make train ARGS=\"model=tiny\"                   (any config override, see conf/train.yaml)"
+	@echo "  make train ARGS=\"budget.max_time_s=60\"         (a shorter first run)"
+	@echo "  make test ARGS=\"-k generate -x\"                (pytest options)"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +37,7 @@ install: $(VENV)/.runtime ## install tinyllm and its runtime dependencies into .
 
 install-dev: $(VENV)/.dev ## install tinyllm with test/lint/benchmark extras
 
-train: install ## prepare the embedded corpus, train a small model on CPU, print a sample
+train: install ## prepare the embedded corpus, train a small model (<= 3 min of fitting), print a sample
 	$(BIN)/python -m tinyllm.train experiment=quickstart $(ARGS)
 	$(BIN)/python -m tinyllm.generate ckpt=latest prompt=The max_new_tokens=200 temperature=0.8 top_k=50
 

@@ -87,6 +87,7 @@ def test_progress_bar_can_be_turned_off(corpus, data_root, tmp_path, monkeypatch
         init(self, *a, **kw)
 
     monkeypatch.setattr(callbacks.StepProgressBar, "__init__", counting_init)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # (the rich bar is for terminals)
     short = [*base(corpus, data_root), "trainer.max_steps=4", "trainer.val_check_interval=4"]
     train_in_process(short, tmp_path / "bar")
     assert len(bars) == 1

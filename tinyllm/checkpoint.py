@@ -121,14 +121,24 @@ def _unreadable(path: str | Path, e: Exception) -> str:
     )
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU and check it is a tinyllm checkpoint."""
+# What to suggest when the file named by each option is missing (`ckpt=latest` is generate's).
+_MISSING_HINT = {
+    "ckpt": ", or `ckpt=latest` for the newest run under outputs/",
+    "ckpt_path": ", or `ckpt_path=latest` (or `resume=latest`) to resume the newest run under "
+    "outputs/ in its own directory",
+}
+
+
+def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict[str, Any]:
+    """Load a checkpoint file onto the CPU and check it is a tinyllm checkpoint.
+
+    `option` is the setting that named the file, for the message when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise TinyLLMError(
-            f"Checkpoint not found: '{path}'. Pass the path of a .ckpt written by "
-            "`python -m tinyllm.train` (e.g. outputs/<date>/<time>/checkpoints/last.ckpt), "
-            "or `ckpt=latest` for the newest run under outputs/."
+            f"Checkpoint not found: {option}='{path}'. Pass the path of a .ckpt written by "
+            "`python -m tinyllm.train` (e.g. outputs/<date>/<time>/checkpoints/last.ckpt)"
+            f"{_MISSING_HINT.get(option, '')}."
         )
     ckpt = load_trusted_types_only(path)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None

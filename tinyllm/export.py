@@ -255,9 +255,19 @@ def run(ckpt: str, out: str, dtype: str = "float32") -> Path:
     name = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
     print(
         f"exported {path} -> {out_dir}/ as {name} ({model.num_params():,} parameters, {dtype}).\n"
-        f"load it with: AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
+        + load_hint(out_dir)
     )
     return out_dir
+
+
+def load_hint(out_dir: str | Path) -> str:
+    """How to load the export; says how to install transformers where it is missing."""
+    import importlib.util
+
+    line = f"load it with: AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
+    if importlib.util.find_spec("transformers") is None:
+        line += " (transformers is not installed here: pip install -e '.[hf]')"
+    return line
 
 
 def _hydra_main() -> None:
@@ -274,4 +284,6 @@ def _hydra_main() -> None:
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(_hydra_main, "export")

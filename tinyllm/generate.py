@@ -14,11 +14,14 @@ The Python API lives in tinyllm.sampling and is re-exported here:
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import hydra
 import torch
@@ -136,14 +139,25 @@ def _sampling(cfg: DictConfig) -> SamplingConfig:
     ).validate()
 
 
+# Hydra keeps a backslash in a command-line string as it is: stop='["\n\n"]' arrives as
+# backslash-n. Read the common escapes, so the documented form means a blank line (a real
+# newline from a YAML file is left alone; write \\n for a literal backslash-n).
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""`\n`, `\t`, `\r` and `\\` in a command-line string -> newline, tab, CR, backslash."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def _stops(cfg: DictConfig) -> list[str]:
     stop = cfg.get("stop")
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
+        return [unescape(stop)]
     if isinstance(stop, ListConfig | list | tuple):
-        return [str(s) for s in stop]
+        return [unescape(str(s)) for s in stop]
     raise TinyLLMError(f"`stop={stop}` must be a string or a list of strings, e.g. stop='[END]'.")
 
 
@@ -200,7 +214,13 @@ def run(cfg: DictConfig) -> None:
     stop = _stops(cfg)
     prompt = _prompt(cfg)
     dtype = str(cfg.get("dtype", "fp32"))
-    model, tokenizer, ckpt_chat = load_for_generation(cfg.get("ckpt"), device, dtype)
+    ckpt = cfg.get("ckpt")
+    if str(ckpt) == "latest":  # say which: after a sweep the newest is the last job's
+        from tinyllm.checkpoint import resolve_ckpt
+
+        ckpt = resolve_ckpt("latest")
+        print(f"[ckpt=latest: {ckpt}]", file=sys.stderr, flush=True)
+    model, tokenizer, ckpt_chat = load_for_generation(ckpt, device, dtype)
     template = _chat_template(cfg, ckpt_chat)
     opts = dict(stop=stop, chat_template=template, sampling=sampling)
     if _opt(cfg, "interactive", bool):
@@ -211,23 +231,23 @@ def run(cfg: DictConfig) -> None:
     shown = _chat_prefix(template, prompt) if template is not None else prompt
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if num_samples == 1:
-        out.write(shown)
-        out.flush()
-        for piece in generate_stream(model, tokenizer, prompt, seed=seed, stats=stats, **opts):
-            out.write(piece)
-            if tty:
-                out.flush()  # token by token in a terminal; a pipe gets the usual buffering
-        out.write("\n")
-    else:
-        texts = generate(
-            model, tokenizer, prompt, num_samples=num_samples, seed=seed, stats=stats, **opts
-        )
-        for i, text in enumerate(texts):
-            if i:
-                out.write("---------------\n")
-            out.write(shown + text + "\n")
-    out.flush()
+    with warnings_after_text(out):
+        if num_samples == 1:
+            out.write(shown)
+            out.flush()
+            for piece in generate_stream(model, tokenizer, prompt, seed=seed, stats=stats, **opts):
+                out.write(piece)
+                if tty:
+                    out.flush()  # token by token in a terminal; a pipe gets the usual buffering
+            out.write("\n")
+        else:
+            texts = generate(
+                model, tokenizer, prompt, num_samples=num_samples, seed=seed, stats=stats, **opts
+            )
+            for i, text in enumerate(texts):
+                if i:
+                    out.write("---------------\n")
+                out.write(shown + text + "\n")
     seconds = time.perf_counter() - t0
     print(_summary(stats, seconds, device, dtype), file=sys.stderr, flush=True)
 
@@ -258,6 +278,7 @@ def _repl(
         flush=True,
     )
     history: list[dict[str, str]] = []
+    said: set[str] = set()  # warnings already shown this session (each is said once)
     tmpl = ChatTemplate.coerce(template) if template is not None else None
     budget = model.config.block_size * 3 // 4  # leave room for the answer in the window
     while True:
@@ -285,20 +306,42 @@ def _repl(
         answer: list[str] = []
         stats: dict[str, Any] = {}
         t0 = time.perf_counter()
-        try:
-            for piece in generate_stream(
-                model, tokenizer, prompt, generator=generator, stats=stats, **opts
-            ):
-                answer.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        with warnings_after_text(sys.stdout, said):
+            try:
+                for piece in generate_stream(
+                    model, tokenizer, prompt, generator=generator, stats=stats, **opts
+                ):
+                    answer.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [stopped]")
+            sys.stdout.write("\n")
         if tmpl is not None:
             history.append({"role": "assistant", "content": "".join(answer)})
         print(_summary(stats, time.perf_counter() - t0, device, dtype), file=sys.stderr, flush=True)
+
+
+@contextmanager
+def warnings_after_text(out: IO[str], said: set[str] | None = None) -> Iterator[None]:
+    """Hold the warnings raised while text is written to `out` and say each once after it.
+
+    A warning printed mid-stream (e.g. "continuing with a sliding window" when a 200-token
+    sample outgrows a 64-token context) lands inside the generated text in a terminal; the
+    sliding itself is expected there, so the note waits for the end of the text.
+    """
+    said = set() if said is None else said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            out.flush()
+    for w in caught:
+        message = str(w.message)
+        if message not in said:
+            said.add(message)
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
@@ -320,4 +363,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(main, "generate")

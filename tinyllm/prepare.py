@@ -27,4 +27,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(main, "prepare")

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from tinyllm.errors import TinyLLMError, exit_on_user_error
 from tinyllm.launch import clear_launch_env, externally_launched, launch_workers
 from tinyllm.module import selection_metric
+from tinyllm.progress import Budget
 
 # Peak dense bf16 FLOP/s of common GPUs, for MFU (override with perf.peak_tflops).
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -80,6 +81,12 @@ class RunContext:
     allocator: str  # what perf.cpu_allocator did
     max_steps: int  # trainer.max_steps, or what budget.max_tokens works out to
     max_time_s: float | None
+    resume_step: int = 0  # the step of ckpt_path (build_module reads it)
+
+    @property
+    def budget(self) -> Budget:
+        """How the run ends (steps or the clock): the header, progress lines and ETA use it."""
+        return Budget(self.max_steps, self.max_time_s)
 
 
 def setup(cfg: DictConfig) -> RunContext:
@@ -89,14 +96,17 @@ def setup(cfg: DictConfig) -> RunContext:
     _quiet_lightning_logs()
     hc = HydraConfig.get()
     accel = _accelerator(str(cfg.trainer.accelerator))
+    if "fsdp" in str(cfg.trainer.strategy).lower() and (
+        accel != "gpu" or not torch.cuda.is_available()
+    ):  # (checked first: trainer=fsdp also sets accelerator=gpu, whose error missed the point)
+        raise TinyLLMError(
+            f"trainer.strategy={cfg.trainer.strategy} (trainer=fsdp) runs on CUDA GPUs only "
+            "(Lightning's FSDP strategy shards the model across GPUs), and this machine has "
+            "none visible. On CPUs use trainer=ddp or trainer.devices=N (DDP over gloo: every "
+            "process holds the whole model)."
+        )
     n_local = _check_devices(accel, cfg.trainer.devices)
     world = n_local * int(cfg.trainer.num_nodes)
-    if "fsdp" in str(cfg.trainer.strategy).lower() and accel != "gpu":
-        raise TinyLLMError(
-            f"trainer.strategy={cfg.trainer.strategy} runs on GPUs only (Lightning's FSDP "
-            f"strategy needs CUDA devices), but this run's accelerator is {accel}. On CPUs use "
-            "trainer.devices=N (DDP over gloo: every process holds the whole model)."
-        )
     FastSetattr.enabled = bool(cfg.perf.fast_setattr)
     max_steps = int(cfg.trainer.max_steps)
     if cfg.budget.max_tokens:
@@ -205,7 +215,7 @@ def build_module(cfg: DictConfig, data: Any, ctx: RunContext) -> Any:
         nan_policy=str(cfg.nan_policy),
     )
     if cfg.ckpt_path:
-        _check_resume(Path(cfg.ckpt_path), lit.model.config.to_dict())
+        ctx.resume_step = _check_resume(Path(cfg.ckpt_path), lit.model.config.to_dict())
     if cfg.init_from:
         _load_weights(lit, cfg.init_from)
     if cfg.compile:
@@ -216,7 +226,7 @@ def build_module(cfg: DictConfig, data: Any, ctx: RunContext) -> Any:
 def _load_weights(lit: Any, path: str) -> None:
     from tinyllm.checkpoint import model_from_checkpoint, read_checkpoint
 
-    src = model_from_checkpoint(read_checkpoint(path), path)
+    src = model_from_checkpoint(read_checkpoint(path, option="init_from"), path)
     if src.config.to_dict() != lit.model.config.to_dict():
         raise TinyLLMError(
             f"init_from={path} holds a model with a different config than this "
@@ -253,6 +263,8 @@ def build_trainer(cfg: DictConfig, data: Any, lit: Any, ctx: RunContext) -> Fit:
         },
     }
     callbacks, metrics = _callbacks(cfg, ctx, data, monitor, extra)
+    if ctx.resume_step:
+        _continue_history(metrics, ctx.resume_step)
     loggers = [
         _instantiate(node, ".".join(filter(None, ("logger", name))), save_dir=str(ctx.run_dir))
         for name, node in _targets(cfg.logger)
@@ -334,7 +346,7 @@ def _header(lit: Any, ctx: RunContext, precision: str, monitor: str) -> str:
         f"tinyllm: {lit.model.num_params() / 1e6:.2f}M parameters | {mc['n_layer']} layers x "
         f"{mc['n_embd']} wide, {mc['norm']}/{mc['activation']}/{mc['pos']} | vocab "
         f"{mc['vocab_size']} | {ctx.accelerator} x{ctx.world} | {precision} | "
-        f"{ctx.max_steps} steps | best.ckpt by {monitor} | run dir {ctx.run_dir}"
+        f"{ctx.budget.describe(ctx.resume_step)} | best.ckpt by {monitor} | run dir {ctx.run_dir}"
     )
 
 
@@ -343,7 +355,7 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from tinyllm.callbacks import MetricsFile, TextSampler, ThroughputMonitor
-    from tinyllm.perf import StepProgressBar
+    from tinyllm.progress import BudgetProgressBar, PlainProgress
     from tinyllm.stopping import LastCheckpoint
 
     ckpt_dir = ctx.run_dir / "checkpoints"
@@ -360,8 +372,13 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min",
                            save_top_k=1, save_last=False, enable_version_counter=False)  # fmt: skip
     cbs.append(best)
-    if cfg.trainer.get("enable_progress_bar", True) and cfg.perf.fast_progress_bar:
-        cbs.append(StepProgressBar(refresh_rate=10))  # (else Lightning's stock bar)
+    if cfg.trainer.get("enable_progress_bar", True):
+        # A terminal gets the rich bar; a file or a pipe (CI, nohup, tee) plain lines, since
+        # the bar shows nothing there until the end.
+        if not sys.stdout.isatty():
+            cbs.append(PlainProgress(ctx.budget, every_s=float(cfg.progress_every_s)))
+        elif cfg.perf.fast_progress_bar:
+            cbs.append(BudgetProgressBar(ctx.budget, refresh_rate=10))  # (else the stock bar)
     if cfg.checkpoint.every_n_steps:
         cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}",
                                    auto_insert_metric_name=False, save_top_k=-1,
@@ -408,6 +425,8 @@ def _trainer_kwargs(cfg: DictConfig, ctx: RunContext, precision: str, callbacks,
         use_distributed_sampler=False,  # our samplers shard by rank themselves
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
+        # off a terminal PlainProgress stands in (Lightning's bar would print nothing useful)
+        enable_progress_bar=bool(cfg.trainer.enable_progress_bar) and sys.stdout.isatty(),
     )
     if tkw.get("profiler") is None and cfg.perf.noop_profiler:
         tkw["profiler"] = NoOpProfiler()  # (+trainer.profiler=simple|advanced|pytorch wins)
@@ -498,6 +517,13 @@ def _quiet_lightning_logs() -> None:
     # Our train sampler derives its position from the restored global step, so a mid-epoch
     # resume continues the same stream; Lightning cannot know that and warns.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    # Under DDP Lightning recommends sync_dist=True for each epoch-level metric we log with
+    # sync_dist=False. Ours are already reduced across ranks before they are logged (val/loss,
+    # val/ppl and val/bpb from sums over every rank's windows, val/exact_match from an explicit
+    # all-reduce of the hit counts): syncing again would cost a collective and change nothing.
+    warnings.filterwarnings(
+        "ignore", message=r".*self\.log\('val/(loss|ppl|bpb|exact_match)', \.\.\., sync_dist=True\)"
+    )
 
 
 _RANK_ZERO: bool | None = None  # this process's rank-zero-ness, as found when setup ran
@@ -581,13 +607,14 @@ def _seed(cfg: DictConfig, key: str) -> int:
     return int(cfg.seed if v is None else v)
 
 
-def _check_resume(path: Path, model_cfg: dict[str, Any]) -> None:
-    """A resumed run must rebuild exactly the model of its checkpoint: say so before training."""
+def _check_resume(path: Path, model_cfg: dict[str, Any]) -> int:
+    """A resumed run must rebuild exactly the model of its checkpoint: say so before training.
+    Returns the checkpoint's step."""
     from tinyllm.checkpoint import read_checkpoint
     from tinyllm.model import ModelConfig
 
-    saved = read_checkpoint(path)["hyper_parameters"]["model_config"]
-    saved = ModelConfig.from_dict(saved).to_dict()  # defaults filled in, as model_cfg is
+    ckpt = read_checkpoint(path, option="ckpt_path")
+    saved = ModelConfig.from_dict(ckpt["hyper_parameters"]["model_config"]).to_dict()
     diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {model_cfg.get(k)!r}" for k in diff[:6])
@@ -596,6 +623,21 @@ def _check_resume(path: Path, model_cfg: dict[str, Any]) -> None:
             "same model/norm/activation/pos/tokenizer settings as that run (its "
             ".hydra/config.yaml has them), or use init_from= to start a new run from its weights."
         )
+    return int(ckpt.get("global_step", 0))
+
+
+def _continue_history(metrics: Any, resume_step: int) -> None:
+    """A run resumed in its own directory keeps one metrics history: the validations up to the
+    checkpoint's step, and wall time counted on from where the run stopped."""
+    import json
+
+    try:
+        old = json.loads(metrics.path.read_text())
+    except (OSError, ValueError):
+        return  # resumed into a new directory (or nothing was written yet)
+    metrics.history[:0] = [h for h in old.get("history", []) if h.get("step", 0) <= resume_step]
+    if metrics.history:
+        metrics.t_start -= float(metrics.history[-1].get("time_s", 0.0))
 
 
 def _model_config(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
@@ -729,4 +771,6 @@ def _write_failed(error: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(main, "train")

@@ -12,6 +12,7 @@ for previous-token heads (a bright sub-diagonal), heads that park on the first t
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,18 @@ def render_attention(
     title: str | None = None,
 ) -> Path:
     """Draw a grid of heat maps (rows = layers, columns = heads) to a PNG at `out`."""
+    fig = attention_figure(attns, labels, layers, heads, title)
+    return atomic_write(out, lambda p: fig.savefig(p, format="png"))
+
+
+def attention_figure(
+    attns: Sequence[torch.Tensor],
+    labels: Sequence[str],
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    title: str | None = None,
+) -> Any:
+    """The matplotlib Figure of `render_attention`: heat maps, token labels, a colour bar."""
     # Figure + Agg canvas directly (no pyplot): no global state, no display needed.
     from matplotlib.figure import Figure
 
@@ -68,28 +81,32 @@ def render_attention(
                 f"(valid indices 0..{n - 1}). Pass e.g. `{name}=[0,1]`, or leave it null for all."
             )
     T = attns[0].size(-1)
-    cell = max(1.6, min(0.25 * T, 4.0))  # inches per map: room for labels on short prompts
-    fig = Figure(figsize=(cell * len(heads) + 1, cell * len(layers) + 1), dpi=100)
-    axes = fig.subplots(len(layers), len(heads), squeeze=False)
-    show_labels = T <= 32
+    # Inches per map: a token's row must fit a legible label (at most 5 in a map, so a 4x4
+    # grid stays on a screen); the label size then follows the row height.
+    cell = min(max(0.22 * T, 2.5), 5.0)
+    fontsize = min(max(cell * 72 / T * 0.85, 5.0), 10.0)  # points: 72 per inch
+    fig = Figure(
+        figsize=(cell * len(heads) + 1.5, cell * len(layers) + 1.0), dpi=100, layout="constrained"
+    )
+    axes = fig.subplots(len(layers), len(heads), squeeze=False, sharex=True, sharey=True)
+    every = max(1, math.ceil(T / 48))  # long prompts: label every k-th token
+    ticks = list(range(0, T, every))
+    image = None
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
             ax = axes[r][c]
-            ax.imshow(attns[layer][head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_title(f"layer {layer} head {head}", fontsize=8)
-            if show_labels:
-                ax.set_xticks(range(T), labels, rotation=90, fontsize=6)
-                ax.set_yticks(range(T), labels, fontsize=6)
-            else:
-                ax.set_xticks([])
-                ax.set_yticks([])
+            image = ax.imshow(attns[layer][head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"layer {layer} head {head}", fontsize=10)
+            # labels on the outer maps only (shared axes): the inner ones stay uncluttered
+            ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=fontsize)
+            ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=fontsize)
+            ax.tick_params(labelbottom=r == len(layers) - 1, labelleft=c == 0)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (each row sums to 1)")
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.supxlabel("key (attended to)", fontsize=9)
-    fig.supylabel("query (attending)", fontsize=9)
-    fig.tight_layout()
-
-    return atomic_write(out, lambda p: fig.savefig(p, format="png"))
+        fig.suptitle(title, fontsize=12)
+    fig.supxlabel("key (attended to)", fontsize=11)
+    fig.supylabel("query (attending)", fontsize=11)
+    return fig
 
 
 def visualize(
@@ -156,4 +173,6 @@ def _hydra_main() -> None:
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(_hydra_main, "visualize")

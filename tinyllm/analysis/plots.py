@@ -27,9 +27,15 @@ def _save(fig, path: Path) -> Path:
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
 
 
+# Zooming cuts the first evaluations off the plot; it only helps when enough points remain to
+# draw a curve: with two or three evaluations it left stubs of lines poking in from the top.
+MIN_POINTS_TO_ZOOM = 4
+
+
 def _zoom(ax, curves: Sequence[Curve], x: str) -> None:
     """Zoom the y axis onto the last 90% of training when the first evaluations (a random
-    model's loss) would otherwise squash the differences the plot is about."""
+    model's loss) would otherwise squash the differences the plot is about, and every curve
+    keeps at least MIN_POINTS_TO_ZOOM - 1 points in view."""
     lo, hi, late_hi = np.inf, -np.inf, -np.inf
     for c in curves:
         xs = c.steps if x == "step" else c.times
@@ -37,9 +43,11 @@ def _zoom(ax, curves: Sequence[Curve], x: str) -> None:
         if not keep.any():
             continue
         xs, clo, chi = xs[keep], c.lo[keep], c.hi[keep]
-        lo, hi = min(lo, clo.min()), max(hi, chi.max())
         late = xs >= xs.min() + 0.1 * (xs.max() - xs.min())
-        late_hi = max(late_hi, chi[late].max() if late.any() else chi.max())
+        if late.sum() < MIN_POINTS_TO_ZOOM - 1:
+            return  # too few evaluations: show every point
+        lo, hi = min(lo, clo.min()), max(hi, chi.max())
+        late_hi = max(late_hi, chi[late].max())
     if np.isfinite([lo, hi, late_hi]).all() and late_hi > lo and hi - lo > 2 * (late_hi - lo):
         pad = 0.05 * (late_hi - lo)
         ax.set_ylim(lo - pad, late_hi + pad)
@@ -55,7 +63,8 @@ def plot_curves(curves: Sequence[Curve], metric: str, x: str, path: Path, title:
         if not keep.any():
             continue
         label = f"{c.label} (n={int(c.n.max())})"
-        (line,) = ax.plot(xs[keep], c.mean[keep], label=label, lw=1.5)
+        marker = "o" if keep.sum() <= 20 else None  # few evaluations: show where they are
+        (line,) = ax.plot(xs[keep], c.mean[keep], label=label, lw=1.5, marker=marker, ms=4)
         if (c.n[keep] > 1).any():
             ax.fill_between(xs[keep], c.lo[keep], c.hi[keep], color=line.get_color(), alpha=0.2)
     _zoom(ax, curves, x)

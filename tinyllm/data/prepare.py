@@ -184,6 +184,22 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
 # the split plan
 
 
+def no_text_message(res: ScanResult, bad_files: str) -> str:
+    """Why a corpus came out empty, and the fix that applies (not the setting already in use)."""
+    counts = (
+        f"{len(res.empty)} empty, {len(res.binary)} binary, {len(res.bad_utf8)} non-UTF-8 "
+        f"file(s) under data.bad_files={bad_files}"
+    )
+    if res.bad_utf8 and bad_files != "replace":
+        fix = "data.bad_files=replace reads the non-UTF-8 files (invalid bytes become U+FFFD)"
+    else:  # empty and binary files are skipped whatever the policy
+        fix = (
+            "point data.path at UTF-8 text files (a file, a folder or a glob; folders are read "
+            "by data.extensions)"
+        )
+    return f"The corpus holds no text ({counts}). Fix: {fix}."
+
+
 def _plan_split(
     data_cfg: Mapping[str, Any], res: ScanResult, chars_per_token: float | None
 ) -> dict[str, Any]:
@@ -195,11 +211,7 @@ def _plan_split(
             "document, else document), document or position."
         )
     if res.documents == 0 or res.chars == 0:
-        raise TinyLLMError(
-            "The corpus holds no text after the bad-file policy "
-            f"({len(res.empty)} empty, {len(res.binary)} binary, {len(res.bad_utf8)} "
-            "non-UTF-8 files). Check data.path, or data.bad_files=replace."
-        )
+        raise TinyLLMError(no_text_message(res, cfg_get(data_cfg, "bad_files", "replace")))
     val_tokens = cfg_get(data_cfg, "val_tokens")
     val_fraction = cfg_get(data_cfg, "val_fraction", DEFAULT_VAL_FRACTION)
     if val_tokens is not None:
