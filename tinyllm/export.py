@@ -1,6 +1,8 @@
 """Export a tinyllm model to a Hugging Face directory (Llama or GPT-2 layout).
 
     python -m tinyllm.export ckpt=PATH out=DIR [dtype=float32|bfloat16|float16]   (contract)
+    python -m tinyllm.export ckpt=PATH out=FILE.gguf format=gguf [dtype=f32|f16|q8_0]
+                                                      (contract; the writer is export_gguf.py)
 
 writes DIR/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json}, which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
@@ -51,7 +53,7 @@ def _mismatches(c: ModelConfig, family: str) -> list[str]:
     return bad
 
 
-def hf_family(config: ModelConfig) -> str:
+def hf_family(config: ModelConfig, target: str = "Hugging Face format") -> str:
     """ "llama" or "gpt2", or a TinyLLMError naming the parts without a standard equivalent."""
     misses = {f: _mismatches(config, f) for f in ("llama", "gpt2")}
     for family, bad in misses.items():
@@ -61,7 +63,7 @@ def hf_family(config: ModelConfig) -> str:
     family = min(misses, key=lambda f: len(misses[f]))
     name = {"llama": "Llama", "gpt2": "GPT-2"}[family]
     raise TinyLLMError(
-        f"Cannot export this model to Hugging Face format: it is closest to {name}, but "
+        f"Cannot export this model to {target}: it is closest to {name}, but "
         f"{'; '.join(misses[family])} has no standard equivalent there. Exportable models are "
         "Llama (pos=rope norm=rmsnorm activation=swiglu, any n_kv_head) and GPT-2 "
         "(pos=learned norm=layernorm activation=gelu, n_kv_head=n_head), without qk_norm, "
@@ -232,18 +234,26 @@ def export_hf(
 # ------------------------------------------------------------------------------ CLI
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("auto", "hf", "gguf")
 
 
-def run(ckpt: str, out: str, dtype: str = "float32") -> Path:
+def run(ckpt: str, out: str, dtype: str | None = None, format: str = "auto") -> Path:
     from tinyllm import load_checkpoint
     from tinyllm.checkpoint import resolve_ckpt
 
     if not ckpt or not out:
         raise TinyLLMError(
             "tinyllm.export needs both `ckpt=PATH` (a .ckpt, a run directory or `latest`) and "
-            "`out=DIR` (the Hugging Face directory to write), e.g. "
-            "`python -m tinyllm.export ckpt=latest out=exported/my-model`."
+            "`out=DIR` (the Hugging Face directory to write) or `out=FILE.gguf format=gguf`, "
+            "e.g. `python -m tinyllm.export ckpt=latest out=exported/my-model`."
         )
+    if format not in FORMATS:
+        raise TinyLLMError(f"Unknown format={format!r} for tinyllm.export. Valid: hf, gguf.")
+    if format == "gguf" or (format == "auto" and str(out).endswith(".gguf")):
+        from tinyllm.export_gguf import run_gguf
+
+        return run_gguf(ckpt, out, dtype or "f32")
+    dtype = dtype or "float32"
     if dtype not in _DTYPES:
         raise TinyLLMError(
             f"Unknown dtype={dtype!r} for tinyllm.export. Valid: {', '.join(_DTYPES)}."
@@ -268,7 +278,7 @@ def _hydra_main() -> None:
     @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
     def main(cfg: DictConfig) -> None:
         with exit_on_user_error():
-            run(cfg.ckpt, cfg.out, cfg.dtype)
+            run(cfg.ckpt, cfg.out, cfg.dtype, cfg.get("format", "auto"))
 
     main()
 
