@@ -3,13 +3,12 @@ look at its engine), and the tiny model + tokenizer + chat template it serves.""
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import torch
 
 from tinyllm.model import GPT, ModelConfig
+from tinyllm.serve import BackgroundServer
 from tinyllm.tokenizer import BPETokenizer
 
 TEXT = (
@@ -37,32 +36,7 @@ def tiny_tokenizer() -> BPETokenizer:
     return BPETokenizer.train(TEXT, 300)
 
 
-class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
+class LiveServer(BackgroundServer):
+    """The server in a thread of the test process, with its engine at hand for the tests."""
 
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        from tinyllm.serve import bind
-
-        self.sock = bind("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+    engine: Any = None

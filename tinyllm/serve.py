@@ -508,6 +508,36 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class BackgroundServer:
+    """`with BackgroundServer(app) as s:` serves `app` on 127.0.0.1:<free port> (s.url) from a
+    daemon thread of this process: for tests, benchmarks and notebooks."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.sock = bind(host, port)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
 def limits_from(cfg: Any) -> Limits:
     names = set(Limits.__dataclass_fields__)
     d = {k: v for k, v in dict(cfg or {}).items() if k in names}
