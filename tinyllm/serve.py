@@ -355,39 +355,78 @@ async def _collect(server: Server, job: Job, chat: bool, gone: Gone) -> dict[str
     return {"choices": choices, "usage": usage}
 
 
+def _chunk(head: dict, chat: bool, index: int, text: str | None, reason: str | None) -> str:
+    """One streamed event; for chat, text=None with reason=None opens the choice (the role)."""
+    if not chat:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+    elif text is None and reason is None:
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}}
+    else:
+        delta = {} if text is None else {"content": text}
+        choice = {"index": index, "delta": delta, "finish_reason": reason}
+    return _sse({**head, "choices": [choice]})
+
+
 async def _stream(
     server: Server, job: Job, head: dict, chat: bool, gone: Gone
 ) -> AsyncIterator[str]:
-    def chunk(index: int, text: str | None, reason: str | None) -> str:
-        if chat:
-            delta = {} if text is None else {"content": text}
-            choice = {"index": index, "delta": delta, "finish_reason": reason}
-        else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
-        return _sse({**head, "choices": [choice]})
-
     if chat:  # OpenAI opens every choice with the role
         for i in range(job.n):
-            yield _sse(
-                {
-                    **head,
-                    "choices": [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )  # noqa: E501
+            yield _chunk(head, chat, i, None, None)
     async for ev in server.events(job, gone):
         if ev[0] == "delta":
-            yield chunk(ev[1], ev[2], None)
+            yield _chunk(head, chat, ev[1], ev[2], None)
         elif ev[0] == "finish":
-            yield chunk(ev[1], None, ev[2])
+            yield _chunk(head, chat, ev[1], None, ev[2])
         elif ev[0] == "error":
             yield _sse(_error_body(ev[1], kind="server_error"))
     yield "data: [DONE]\n\n"
+
+
+def _error(status: int, message: str, param: str | None = None) -> Any:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    return JSONResponse(_error_body(message, param, kind), status_code=status)
+
+
+def _add_error_handlers(app: Any, api_key: str | None) -> None:
+    """The API key check, and every error as OpenAI's JSON (never a traceback)."""
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):  # noqa: ANN001, ANN202
+        given = request.headers.get("authorization", "")
+        if api_key and request.url.path.startswith("/v1/") and given != f"Bearer {api_key}":
+            return _error(401, "Missing or wrong API key (send Authorization: Bearer KEY).")
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"Internal error ({type(exc).__name__}); see the server's log.")
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return _error(404, f"No route {request.method} {request.url.path}.")
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        return _error(405, f"Method {request.method} is not allowed on {request.url.path}.")
+
+
+async def _body(request: Any) -> dict:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"The request body is not valid JSON ({e}).") from None
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError("`stream` must be true or false.", "stream")
+    return body
 
 
 def create_app(engine: Engine, model_name: str = "tinyllm", api_key: str | None = None) -> Any:
@@ -401,43 +440,7 @@ def create_app(engine: Engine, model_name: str = "tinyllm", api_key: str | None 
     server = Server(engine, model_name)
     created = int(time.time())
 
-    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        if status == 401:
-            kind = "authentication_error"
-        return JSONResponse(_error_body(message, param, kind), status_code=status)
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):  # noqa: ANN001, ANN202
-        given = request.headers.get("authorization", "")
-        if api_key and request.url.path.startswith("/v1/") and given != f"Bearer {api_key}":
-            return error(401, "Missing or wrong API key (send Authorization: Bearer KEY).")
-        return await call_next(request)
-
-    @app.exception_handler(RequestError)
-    async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
-        return error(exc.status, exc.message, exc.param)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        return error(500, f"Internal error ({type(exc).__name__}); see the server's log.")
-
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return error(404, f"No route {request.method} {request.url.path}.")
-
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
-        return error(405, f"Method {request.method} is not allowed on {request.url.path}.")
-
-    async def body_of(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"The request body is not valid JSON ({e}).") from None
-        if not isinstance(body, dict):
-            raise RequestError("The request body must be a JSON object.")
-        return body
+    _add_error_handlers(app, api_key)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -451,7 +454,7 @@ def create_app(engine: Engine, model_name: str = "tinyllm", api_key: str | None 
         return {"object": "list", "data": [card]}
 
     async def respond(request: Request, chat: bool):  # noqa: ANN202
-        body = await body_of(request)
+        body = await _body(request)
         job = server.chat_job(body) if chat else server.completion_job(body)
         kind = "chat.completion" if chat else "text_completion"
         prefix = "chatcmpl" if chat else "cmpl"
