@@ -31,9 +31,11 @@ pytest.importorskip("gguf")
 
 
 def load(path, n_ctx: int = 64):
+    """llama.cpp with an f32 KV cache (its default f16 cache alone moves logits by ~1e-2)."""
+    f32 = llama_cpp.GGML_TYPE_F32
     return llama_cpp.Llama(
         model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-        n_threads=1, verbose=False,
+        n_threads=1, type_k=f32, type_v=f32, verbose=False,
     )  # fmt: skip
 
 
@@ -88,8 +90,9 @@ def test_llama_logits_and_greedy_match(tok, tmp_path, kw: dict) -> None:
     prompt = tok.encode("def greet(name):\n    return f'Hello, {name}!'  # 42")[:40]
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0].numpy()  # [T, V]
-    theirs = llama_logits(llm, prompt)
-    assert np.abs(ours - theirs).max() < 1e-3
+    diff = np.abs(ours - llama_logits(llm, prompt)).max()
+    print(f"llama layout {kw}: max |logit difference| = {diff:.2e}")
+    assert diff < 1e-3
     new = 64 - len(prompt)
     expected = generate_ids(model, torch.tensor(prompt), new, temperature=0)[0]
     got = []
@@ -101,8 +104,8 @@ def test_llama_logits_and_greedy_match(tok, tmp_path, kw: dict) -> None:
 
 
 def test_gpt2_logits_close(tok, tmp_path) -> None:
-    """llama.cpp's GPT-2 uses the tanh GELU through an fp16 table (ours: exact erf), so the
-    logits agree less tightly than Llama's; a small trained-scale model stays close."""
+    """llama.cpp's GPT-2 uses the tanh GELU through an fp16 table (ours: exact erf): at
+    trained-like weight scales the logits still agree within 1e-3 (measured: 2.4e-4)."""
     model = randomized(gpt2_config(tok.vocab_size), scale=0.02)
     llm = load(export_gguf(model, tok, tmp_path / "g.gguf"))
     prompt = tok.encode("The quick brown fox, 12345 times.\n\tdone")[:40]
@@ -110,7 +113,7 @@ def test_gpt2_logits_close(tok, tmp_path) -> None:
         ours = model(torch.tensor([prompt]))[0].numpy()
     diff = np.abs(ours - llama_logits(llm, prompt)).max()
     print(f"gpt2 layout: max |logit difference| = {diff:.2e}")
-    assert diff < 1e-2
+    assert diff < 1e-3
     assert (ours.argmax(-1) == llama_logits(llm, prompt).argmax(-1)).all()
 
 
@@ -172,3 +175,30 @@ def test_q8_0_bits_per_byte_within_one_percent(shared_data, tmp_path) -> None:
     assert abs(bpb["f32"] - bpb["tinyllm"]) < 1e-4 * bpb["tinyllm"]
     assert bpb["tinyllm"] < 3.5  # the model did learn (uniform over 512 tokens is far above)
     assert change < 0.01
+
+
+def test_chat_template_in_llamacpp(tmp_path) -> None:
+    """llama-cpp-python's chat formatter, fed the template from the file's metadata, renders a
+    conversation that llama.cpp tokenizes to exactly the ids our ChatTemplate trains on."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from tinyllm.data.chat import ChatTemplate
+
+    tok = trained_tokenizer("gpt4", 500)
+    template = {"user_prefix": "Q: ", "assistant_prefix": "A:"}
+    path = export_gguf(
+        randomized(llama_config(tok.vocab_size)), tok, tmp_path / "qa.gguf", chat_template=template
+    )
+    llm = load(path)
+    fmt = Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"], eos_token="<|eos|>", bos_token="<|bos|>"
+    )
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Who are you? 😀"},
+    ]
+    prompt = fmt(messages=messages).prompt
+    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    assert ids == ChatTemplate.coerce(template).encode_prompt(tok, messages)
