@@ -9,7 +9,7 @@ q8_0, tinyllm, ...) and the best of `--repeats` is reported, so a noisy neighbou
 sides alike. llama.cpp is reached through llama-cpp-python (`Llama.generate`, temp=0), so its
 figure includes that binding's per-token Python overhead, as a Python user would see it.
 
-    python benchmarks/gguf.py [--new-tokens 256] [--repeats 3] [--threads 1,default]
+    python benchmarks/gguf_decode.py [--new-tokens 256] [--repeats 3] [--threads 1,default]
 """
 
 from __future__ import annotations
