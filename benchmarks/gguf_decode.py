@@ -4,7 +4,7 @@ decode loop (what `python -m tinyllm.generate` runs), same weights, same run, JS
 Models: Llama-style (rope + rmsnorm + swiglu, no bias), random weights, ~1M parameters
 (4 layers, 128 wide, vocab 512) and ~17M (6 layers, 384 wide, vocab 8192), the sizes of
 benchmarks/generate.py. Greedy, `--new-tokens` tokens after an 8-token prompt, EOS never
-ends a run (the tokenizer has no EOS). Runs alternate (tinyllm, llama.cpp f32, llama.cpp
+ends a run (the tokenizer has no special tokens). Runs alternate (tinyllm, llama.cpp f32, llama.cpp
 q8_0, tinyllm, ...) and the best of `--repeats` is reported, so a noisy neighbour hurts all
 sides alike. llama.cpp is reached through llama-cpp-python (`Llama.generate`, temp=0), so its
 figure includes that binding's per-token Python overhead, as a Python user would see it.
@@ -67,7 +67,8 @@ def bench(size: str, n: int, repeats: int, threads: int | None, folder: Path) ->
     torch.set_num_threads(nth)
     try:
         model = build(size, block_size=512)
-        tok = BPETokenizer([], pattern="gpt4")  # bytes only: the other rows are padding
+        # a small trained tokenizer without EOS (no run ends early); the other rows are padding
+        tok = BPETokenizer.train(__doc__ * 4, 300, pattern="gpt4", special_tokens=[])
         llms = {}
         for dtype in ("f32", "q8_0"):
             path = export_gguf(model, tok, folder / f"{size}-{dtype}.gguf", dtype)

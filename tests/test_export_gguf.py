@@ -73,12 +73,20 @@ def test_custom_split_pattern_is_refused(tmp_path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_bytes_only_tokenizer_is_refused(tmp_path) -> None:
+    from tinyllm.tokenizer import BPETokenizer
+
+    tok = BPETokenizer([], pattern="gpt4")
+    with pytest.raises(TinyLLMError, match="without merges"):
+        export_gguf(GPT(llama_config(tok.vocab_size)), tok, tmp_path / "m.gguf")
+
+
 def test_chat_template_renders_our_prompt(tok4) -> None:
     """The Jinja template, rendered as HF and llama.cpp do and tokenized with specials, gives
     exactly the ids our ChatTemplate.encode_prompt gives (so llama.cpp's chat mode formats
     questions the way the model was trained)."""
     jinja2 = pytest.importorskip("jinja2")
-    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.chat import ChatTemplate
 
     for tmpl in (ChatTemplate(), ChatTemplate(user_prefix="Q: ", assistant_prefix="A:")):
         source = chat_template_jinja(tmpl.to_dict())

@@ -182,7 +182,7 @@ def test_chat_template_in_llamacpp(tmp_path) -> None:
     conversation that llama.cpp tokenizes to exactly the ids our ChatTemplate trains on."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.chat import ChatTemplate
 
     tok = trained_tokenizer("gpt4", 500)
     template = {"user_prefix": "Q: ", "assistant_prefix": "A:"}

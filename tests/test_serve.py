@@ -108,7 +108,7 @@ def test_chat_stops_at_eos(parts) -> None:
     """EOS ends the answer (not in the text), finish_reason 'stop'; max_tokens gives 'length'."""
     import torch
 
-    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.chat import ChatTemplate
     from tinyllm.sampling import generate_ids
 
     model, tok = parts

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from tinyllm.errors import TinyLLMError
+from tinyllm.families import hf_family, split_qkv
+from tinyllm.io import atomic_write, unwrap_compiled
 from tinyllm.model import GPT
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -86,7 +88,7 @@ def chat_template_jinja(template: Any) -> str:
     """Our ChatTemplate as the Jinja template HF and llama.cpp render (`messages`,
     `add_generation_prompt`, `bos_token`, `eos_token`), giving the same text our
     `encode_prompt` encodes, with <bos>/<eos> as the special tokens' names."""
-    from tinyllm.data.chat import ChatTemplate
+    from tinyllm.chat import ChatTemplate
 
     t = ChatTemplate.coerce(template)
     L = _literal
@@ -160,8 +162,6 @@ def _rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    from tinyllm.export import _split_qkv
-
     c, sd = model.config, model.state_dict()
     hidden = model.transformer.h[0].mlp.hidden
     out = {"token_embd.weight": sd["transformer.wte.weight"]}
@@ -171,7 +171,7 @@ def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
         out[g + "attn_norm.weight"] = sd[ours + "ln_1.weight"]
         out[g + "ffn_norm.weight"] = sd[ours + "ln_2.weight"]
         for kind in kinds:
-            q, k, v = _split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
+            q, k, v = split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
             out[g + f"attn_q.{kind}"] = _rope_permute(q, c.n_head)
             out[g + f"attn_k.{kind}"] = _rope_permute(k, c.kv_heads)
             out[g + f"attn_v.{kind}"] = v
@@ -292,19 +292,22 @@ def export_gguf(
     """
     import gguf
 
-    from tinyllm.export import hf_family
-
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_compiled(model)
     dtype = normalize_dtype(dtype)
     family = hf_family(model.config, target="GGUF")
     if tokenizer is None:
         raise TinyLLMError("GGUF export needs the tokenizer (llama.cpp reads it from the file).")
     pre_tokenizer(tokenizer)  # refuse a custom split pattern before writing
+    if not tokenizer.merges:  # (the gguf writer drops an empty array; llama.cpp needs the key)
+        raise TinyLLMError(
+            "Cannot export a tokenizer without merges (bytes only) to GGUF: llama.cpp's BPE "
+            "requires a merges list. Train the tokenizer with vocab_size above 256 + specials."
+        )
     out = Path(out)
     check_writable(out)
     tensors = (_llama_tensors if family == "llama" else _gpt2_tensors)(model)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, arch=family)
         _metadata(w, model, family, dtype)
         _add_tokenizer(w, tokenizer, model.config.vocab_size, chat_template)
@@ -314,13 +317,13 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
+
+    try:
+        atomic_write(out, write)  # a temporary name beside `out`, renamed when complete
     except OSError as e:
         raise TinyLLMError(
             f"Cannot write out={out} ({e.strerror or e}). Choose another path."
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -351,6 +354,4 @@ def run_gguf(ckpt: str, out: str, dtype: str = "f32") -> Path:
 
 
 def hf_arch(model: GPT) -> str:
-    from tinyllm.export import hf_family
-
     return hf_family(model.config, target="GGUF")

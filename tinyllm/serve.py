@@ -281,7 +281,7 @@ class Server:
         return Job(ids=ids, **_sampling(body, self.engine.limits))
 
     def chat_job(self, body: dict) -> Job:
-        from tinyllm.data.chat import ChatTemplate
+        from tinyllm.chat import ChatTemplate
 
         messages = _messages(body)
         tmpl = ChatTemplate.coerce(self.engine.chat_template)
