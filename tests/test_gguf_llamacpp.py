@@ -66,11 +66,9 @@ def test_tokenization_matches_ours(tok, tmp_path) -> None:
 
 
 def test_gpt2_vocabulary_tokenization(shared_data, tmp_path) -> None:
-    from tinyllm.tokenizer import BPETokenizer
+    from tinyllm.tokenizer.tiktoken_io import read_tiktoken
 
-    tok = BPETokenizer.from_tiktoken(
-        shared_data / "gpt2.tiktoken", special_tokens={"<|endoftext|>": 50256}
-    )
+    tok = read_tiktoken(shared_data / "gpt2.tiktoken", special_tokens={"<|endoftext|>": 50256})
     model = randomized(gpt2_config(tok.vocab_size, n_embd=32, n_layer=1, n_head=2))
     llm = load(export_gguf(model, tok, tmp_path / "gpt2.gguf"))
     text = (shared_data / "tinyshakespeare.txt").read_text()[:20000]
