@@ -9,7 +9,7 @@ q8_0, tinyllm, ...) and the best of `--repeats` is reported, so a noisy neighbou
 sides alike. llama.cpp is reached through llama-cpp-python (`Llama.generate`, temp=0), so its
 figure includes that binding's per-token Python overhead, as a Python user would see it.
 
-    python benchmarks/gguf_decode.py [--new-tokens 256] [--repeats 3] [--threads 1,default]
+    python benchmarks/gguf_decode.py [--new-tokens 256] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", default=",".join(SIZES))
-    ap.add_argument("--threads", default="1,default", help="comma list: 1, N or default")
+    # (1 thread by default: on a busy shared 2-core machine llama.cpp with 2 threads spins on its
+    # thread barrier and a run took over 5 minutes instead of seconds)
+    ap.add_argument("--threads", default="1", help="comma list: 1, N or default")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import llama_cpp

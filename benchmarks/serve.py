@@ -81,7 +81,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     model = GPT(ModelConfig(**CONFIG, **LLAMA)).eval()
-    tok = BPETokenizer([], pattern="gpt4")  # bytes only, no EOS: every request runs full length
+    # a 512-token vocabulary without special tokens: no EOS, so every request runs full length
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k][:2000] for k in sorted(topics)[:80])
+    tok = BPETokenizer.train(text, CONFIG["vocab_size"], pattern="gpt4", special_tokens=[])
     engine = Engine(model, tok, None, Limits(max_tokens=4096, max_queue=256))
     counts = [int(k) for k in args.clients.split(",")]
     best: dict[int, dict] = {}
