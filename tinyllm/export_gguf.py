@@ -345,13 +345,9 @@ def run_gguf(ckpt: str, out: str, dtype: str = "f32") -> Path:
     file = export_gguf(model.eval(), tokenizer, out, dtype=dtype, chat_template=chat)
     size = file.stat().st_size / 2**20
     print(
-        f"exported {path} -> {file} as GGUF {hf_arch(model)} "
+        f"exported {path} -> {file} as GGUF {hf_family(model.config, target='GGUF')} "
         f"({model.num_params():,} parameters, {dtype}, {size:.1f} MiB"
         f"{', with its chat template' if chat is not None else ''}).\n"
         f"run it with llama.cpp: llama-cli -m {file}   (or Ollama: FROM {file} in a Modelfile)"
     )
     return file
-
-
-def hf_arch(model: GPT) -> str:
-    return hf_family(model.config, target="GGUF")
