@@ -34,7 +34,7 @@ LLAMA = dict(norm="rmsnorm", activation="swiglu", pos="rope", bias=False, tie_we
 def clients_round(url: str, engine: Engine, k: int, n: int) -> dict:
     import openai
 
-    done_before = len(engine.history)
+    done_before = engine.finished
     barrier = threading.Barrier(k + 1)
     errors: list[BaseException] = []
 
@@ -60,7 +60,7 @@ def clients_round(url: str, engine: Engine, k: int, n: int) -> dict:
     seconds = time.perf_counter() - t0
     if errors:
         raise RuntimeError(errors)
-    runs = engine.history[done_before:]
+    runs = engine.history[len(engine.history) - (engine.finished - done_before) :]
     tokens = sum(tok for _, tok in runs)
     assert len(runs) == k and all(r == "length" for r, _ in runs), runs
     return {"clients": k, "tokens": tokens, "seconds": round(seconds, 3), "tok_s": tokens / seconds}

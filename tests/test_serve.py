@@ -189,26 +189,30 @@ def raw(live, method: str, path: str, body: bytes | None = None, headers=None):
     return r.status, json.loads(data)
 
 
-def test_disconnect_mid_stream_frees_the_slot(live, client) -> None:
-    body = json.dumps(
-        {"model": "tiny", "prompt": "ROMEO", "max_tokens": 600, "stream": True, "temperature": 1}
-    )
-    conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=30)
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    assert r.status == 200
-    r.fp.readline()  # the first event arrived: decoding is under way
-    n_before = len(live.engine.history)
-    conn.sock.close()  # the client goes away mid-stream
-    conn.close()
-    deadline = time.monotonic() + 30
-    while len(live.engine.history) == n_before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    reason, tokens = live.engine.history[-1]
-    assert reason == "cancelled" and tokens < 600
-    # the slot is free: the next request is served at once
-    r2 = client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
-    assert r2.choices[0].finish_reason in ("stop", "length")
+def test_disconnect_mid_stream_frees_the_slot(parts) -> None:
+    """A client leaves mid-stream: its job is cancelled at once (not decoded to max_tokens)
+    and the next request is served. The tokenizer has no EOS here, so nothing else can end
+    the 100k-token job."""
+    model, tok = parts
+    engine = Engine(model, EosAs(tok, None), None, Limits(max_tokens=100_000))
+    body = json.dumps({"model": "tiny", "prompt": "ROMEO", "max_tokens": 100_000, "stream": True})
+    with LiveServer(create_app(engine, "tiny")) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200
+        r.fp.readline()  # the first event arrived: decoding is under way
+        assert engine.finished == 0
+        conn.sock.close()  # the client goes away mid-stream
+        conn.close()
+        deadline = time.monotonic() + 30
+        while engine.finished == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.history == [("cancelled", engine.history[0][1])]
+        assert engine.history[0][1] < 100_000
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        r2 = c.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0)
+        assert r2.choices[0].finish_reason == "length"  # the slot is free: served at once
 
 
 @pytest.mark.parametrize(

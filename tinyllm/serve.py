@@ -90,7 +90,8 @@ class Engine:
         self.chat_template = chat_template
         self.device = next(model.parameters()).device
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
-        self.history: list[tuple[str, int]] = []  # (finish reason, tokens) of recent choices
+        self.history: list[tuple[str, int]] = []  # (finish reason, tokens), the last 1000 choices
+        self.finished = 0  # choices finished since start (history is capped; this is not)
         self.busy = threading.Event()
         threading.Thread(target=self._work, name="tinyllm-decoder", daemon=True).start()
 
@@ -128,7 +129,8 @@ class Engine:
         for index in range(job.n):
             seed = None if job.seed is None else job.seed + index
             reason, tokens = self._decode(job, index, seed)
-            self.history = [*self.history[-99:], (reason, tokens)]
+            self.history = [*self.history[-999:], (reason, tokens)]
+            self.finished += 1
             completion += tokens
             job.emit(("finish", index, reason, tokens))
             if reason == "cancelled":
