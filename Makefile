@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev train test test-all lint fmt bench tb clean
+.PHONY: help install install-dev train test test-all test-browser lint fmt bench tb clean
 
 help: ## list the targets
 	@echo "Usage: make TARGET [ARGS=\"...\"]"
@@ -46,6 +46,13 @@ test: install-dev ## run the default test suite (under 15 minutes on 2 cores)
 
 test-all: install-dev ## run every test, the slow ones too
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Debian's chromium + chromedriver from apt (a browser download from elsewhere is not needed).
+test-browser: install-dev ## the chat page in headless chromium (apt-installs chromium when missing)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(if $(filter 0,$(shell id -u)),,sudo) apt-get update && \
+		  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y chromium chromium-driver; }
+	$(BIN)/python -m pytest -q -m browser tests/test_chat_page.py $(ARGS)
 
 lint: install-dev ## ruff check and format check
 	$(BIN)/ruff check .

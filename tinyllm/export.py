@@ -1,6 +1,8 @@
 """Export a tinyllm model to a Hugging Face directory (Llama or GPT-2 layout).
 
     python -m tinyllm.export ckpt=PATH out=DIR [dtype=float32|bfloat16|float16]   (contract)
+    python -m tinyllm.export ckpt=PATH out=FILE.gguf format=gguf [dtype=f32|f16|q8_0]
+                                                      (contract; the writer is export_gguf.py)
 
 writes DIR/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json}, which `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
@@ -27,53 +29,12 @@ from typing import Any
 import torch
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
+from tinyllm.families import hf_family, split_qkv
 from tinyllm.io import atomic_write, unwrap_compiled, write_text_atomic
-from tinyllm.model import GPT, ModelConfig
+from tinyllm.model import GPT
 from tinyllm.tokenizer.hf import save_hf
 
-# What each family requires: option -> (required value, how to say it).
-_LLAMA = {"pos": "rope", "norm": "rmsnorm", "activation": "swiglu"}
-_GPT2 = {"pos": "learned", "norm": "layernorm", "activation": "gelu"}
-
-
-def _mismatches(c: ModelConfig, family: str) -> list[str]:
-    """The parts of `c` that the HF family cannot represent, as `option=value` phrases."""
-    need = _LLAMA if family == "llama" else _GPT2
-    bad = [f"{k}={getattr(c, k)} (needs {v})" for k, v in need.items() if getattr(c, k) != v]
-    if family == "gpt2" and c.kv_heads != c.n_head:
-        bad.append(f"n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)")
-    if c.qk_norm:
-        bad.append("qk_norm=true (no qk-norm in this architecture)")
-    if c.post_norm:
-        bad.append("post_norm=true (both are pre-norm)")
-    if c.logit_softcap is not None:
-        bad.append(f"logit_softcap={c.logit_softcap} (no logit soft-capping)")
-    return bad
-
-
-def hf_family(config: ModelConfig) -> str:
-    """ "llama" or "gpt2", or a TinyLLMError naming the parts without a standard equivalent."""
-    misses = {f: _mismatches(config, f) for f in ("llama", "gpt2")}
-    for family, bad in misses.items():
-        if not bad:
-            return family
-    # Explain against the closer family: that is the one the user most likely meant.
-    family = min(misses, key=lambda f: len(misses[f]))
-    name = {"llama": "Llama", "gpt2": "GPT-2"}[family]
-    raise TinyLLMError(
-        f"Cannot export this model to Hugging Face format: it is closest to {name}, but "
-        f"{'; '.join(misses[family])} has no standard equivalent there. Exportable models are "
-        "Llama (pos=rope norm=rmsnorm activation=swiglu, any n_kv_head) and GPT-2 "
-        "(pos=learned norm=layernorm activation=gelu, n_kv_head=n_head), without qk_norm, "
-        "post_norm or logit_softcap. Train with those options to export, or use the tinyllm "
-        "checkpoint directly (tinyllm.load_checkpoint)."
-    )
-
-
-def _split_qkv(c: ModelConfig, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Our fused c_attn rows are [q (H*D) | k (Hkv*D) | v (Hkv*D)]; works for weight and bias."""
-    D = c.head_dim
-    return t.split([c.n_head * D, c.kv_heads * D, c.kv_heads * D], dim=0)
+__all__ = ["export_hf", "hf_family", "run"]
 
 
 def _llama(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -109,7 +70,7 @@ def _llama(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         out[hf + "input_layernorm.weight"] = sd[ours + "ln_1.weight"]
         out[hf + "post_attention_layernorm.weight"] = sd[ours + "ln_2.weight"]
         for kind in kinds:
-            q, k, v = _split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
+            q, k, v = split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
             out[hf + f"self_attn.q_proj.{kind}"] = q
             out[hf + f"self_attn.k_proj.{kind}"] = k
             out[hf + f"self_attn.v_proj.{kind}"] = v
@@ -232,18 +193,26 @@ def export_hf(
 # ------------------------------------------------------------------------------ CLI
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("auto", "hf", "gguf")
 
 
-def run(ckpt: str, out: str, dtype: str = "float32") -> Path:
+def run(ckpt: str, out: str, dtype: str | None = None, format: str = "auto") -> Path:
     from tinyllm import load_checkpoint
     from tinyllm.checkpoint import resolve_ckpt
 
     if not ckpt or not out:
         raise TinyLLMError(
             "tinyllm.export needs both `ckpt=PATH` (a .ckpt, a run directory or `latest`) and "
-            "`out=DIR` (the Hugging Face directory to write), e.g. "
-            "`python -m tinyllm.export ckpt=latest out=exported/my-model`."
+            "`out=DIR` (the Hugging Face directory to write) or `out=FILE.gguf format=gguf`, "
+            "e.g. `python -m tinyllm.export ckpt=latest out=exported/my-model`."
         )
+    if format not in FORMATS:
+        raise TinyLLMError(f"Unknown format={format!r} for tinyllm.export. Valid: hf, gguf.")
+    if format == "gguf" or (format == "auto" and str(out).endswith(".gguf")):
+        from tinyllm.export_gguf import run_gguf
+
+        return run_gguf(ckpt, out, dtype or "f32")
+    dtype = dtype or "float32"
     if dtype not in _DTYPES:
         raise TinyLLMError(
             f"Unknown dtype={dtype!r} for tinyllm.export. Valid: {', '.join(_DTYPES)}."
@@ -278,7 +247,7 @@ def _hydra_main() -> None:
     @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
     def main(cfg: DictConfig) -> None:
         with exit_on_user_error():
-            run(cfg.ckpt, cfg.out, cfg.dtype)
+            run(cfg.ckpt, cfg.out, cfg.dtype, cfg.get("format", "auto"))
 
     main()
 

@@ -1,0 +1,1 @@
+"""The chat page served at `/` by tinyllm.serve (plain HTML + JS, no build step)."""
