@@ -509,6 +509,7 @@ def test_a_diverged_run_reports_nan_and_is_degraded(corpus, data_root, tmp_path)
     diverge = ["nan_policy=skip", "optim.lr=1e12", "optim.warmup_steps=0",
                "trainer.gradient_clip_val=null"]  # fmt: skip
     train_in_process([*base(corpus, data_root), *diverge], run_dir)
+
     def refuse(word: str) -> None:
         raise AssertionError(f"metrics.json is not strict JSON: bare {word}")
 

@@ -281,17 +281,7 @@ def _repl(
     said: set[str] = set()  # warnings already shown this session (each is said once)
     tmpl = ChatTemplate.coerce(template) if template is not None else None
     budget = model.config.block_size * 3 // 4  # leave room for the answer in the window
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            continue
-        if line.strip() in ("/quit", "/exit"):
-            return
+    while (line := _read_line()) is not None:
         if line.strip() == "/reset":
             history.clear()
             continue
@@ -303,23 +293,51 @@ def _repl(
             while len(history) > 1 and len(tmpl.encode_prompt(tokenizer, history)) > budget:
                 history = history[2:]  # drop the oldest question and its answer
             prompt = list(history)
-        answer: list[str] = []
         stats: dict[str, Any] = {}
         t0 = time.perf_counter()
-        with warnings_after_text(sys.stdout, said):
-            try:
-                for piece in generate_stream(
-                    model, tokenizer, prompt, generator=generator, stats=stats, **opts
-                ):
-                    answer.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            except KeyboardInterrupt:
-                sys.stdout.write(" [stopped]")
-            sys.stdout.write("\n")
+        answer = _stream_answer(model, tokenizer, prompt, generator, stats, said, opts)
         if tmpl is not None:
-            history.append({"role": "assistant", "content": "".join(answer)})
+            history.append({"role": "assistant", "content": answer})
         print(_summary(stats, time.perf_counter() - t0, device, dtype), file=sys.stderr, flush=True)
+
+
+def _read_line() -> str | None:
+    """The next line typed, or None to leave (Ctrl-D, /quit); Ctrl-C at the prompt is ignored."""
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        return None if line.strip() in ("/quit", "/exit") else line
+
+
+def _stream_answer(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: Any,
+    generator: torch.Generator,
+    stats: dict[str, Any],
+    said: set[str],
+    opts: dict[str, Any],
+) -> str:
+    """Write the answer to stdout as it is generated; Ctrl-C stops it. Returns the text."""
+    answer: list[str] = []
+    with warnings_after_text(sys.stdout, said):
+        try:
+            for piece in generate_stream(
+                model, tokenizer, prompt, generator=generator, stats=stats, **opts
+            ):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+    return "".join(answer)
 
 
 @contextmanager

@@ -352,65 +352,9 @@ def load_sweep(root: str | Path, metric: str = "val/bpb") -> Sweep:
     if not job_dirs:
         raise _not_a_multirun(root)
     declared, command, warnings = _declared_sweep(root)
-
-    runs: list[Run] = []
-    excluded: list[tuple[Run, str]] = []
-    for i, d in enumerate(job_dirs):
-        num = _job_num(d)
-        run, why = load_run(d, num if num is not None else i, metric)
-        if run is None:
-            warnings.append(f"skipped {why}")
-        else:
-            runs.append(run)
-            if run.status == "unreadable":
-                warnings.append(run.error or f"{d}/metrics.json unreadable")
-
-    # Incompatible sweeps (two sweeps written into one folder): the jobs' key sets differ.
-    # Keep the most common key set (ties: the first job's) and say which jobs were left out.
-    def keyset(r: Run) -> frozenset[str]:
-        return frozenset(k for k in r.overrides if not is_seed_key(k))
-
-    if runs:
-        counts = Counter(keyset(r) for r in runs)
-        best = max(counts.values())
-        main = next(keyset(r) for r in runs if counts[keyset(r)] == best)
-        if len(counts) > 1:
-            for r in runs:
-                if keyset(r) != main:
-                    extra = sorted(keyset(r) - main)
-                    missing = sorted(main - keyset(r))
-                    why = "overrides " + ", ".join(
-                        s
-                        for s in (
-                            f"add {extra}" if extra else "",
-                            f"lack {missing}" if missing else "",
-                        )
-                        if s
-                    )
-                    excluded.append((r, why))
-            warnings.append(
-                f"{len(excluded)} job(s) in {root} were launched with different override keys "
-                f"than the other {len(runs) - len(excluded)} (mixed, incompatible sweeps in one "
-                "folder); they are listed under 'Excluded jobs' and left out of the table. "
-                "Give each sweep its own folder (the default, or hydra.sweep.dir=...)."
-            )
-            runs = [r for r in runs if keyset(r) == main]
-
-    # Swept keys: declared as sweeps or varying across jobs; in the order of the overrides.
-    order: list[str] = []
-    for r in runs:
-        order += [k for k in r.overrides if k not in order]
-    varying = {k for k in order if len({r.overrides.get(k) for r in runs}) > 1}
-    swept_declared = {k for k, v in declared.items() if (sweep_size(v) or 2) > 1}
-    swept = [k for k in order if (k in varying or k in swept_declared)]
-    seed_keys = [k for k in swept if is_seed_key(k)]
-    swept = [k for k in swept if not is_seed_key(k)]
-    fixed = {
-        k: runs[0].overrides.get(k, "")
-        for k in order
-        if k not in varying and k not in swept and k not in seed_keys
-    }
-
+    runs = _load_runs(job_dirs, metric, warnings)
+    runs, excluded = _drop_incompatible(runs, root, warnings)
+    swept, seed_keys, fixed = _swept_keys(runs, declared)
     expected = None
     if declared:
         sizes = [sweep_size(v) for v in declared.values()]
@@ -427,3 +371,69 @@ def load_sweep(root: str | Path, metric: str = "val/bpb") -> Sweep:
         excluded=excluded,
         warnings=warnings,
     )
+
+
+def _load_runs(job_dirs: list[Path], metric: str, warnings: list[str]) -> list[Run]:
+    runs: list[Run] = []
+    for i, d in enumerate(job_dirs):
+        num = _job_num(d)
+        run, why = load_run(d, num if num is not None else i, metric)
+        if run is None:
+            warnings.append(f"skipped {why}")
+        else:
+            runs.append(run)
+            if run.status == "unreadable":
+                warnings.append(run.error or f"{d}/metrics.json unreadable")
+    return runs
+
+
+def _keyset(r: Run) -> frozenset[str]:
+    return frozenset(k for k in r.overrides if not is_seed_key(k))
+
+
+def _drop_incompatible(
+    runs: list[Run], root: Path, warnings: list[str]
+) -> tuple[list[Run], list[tuple[Run, str]]]:
+    """Two sweeps written into one folder: the jobs' key sets differ. Keep the most common key
+    set (ties: the first job's) and say which jobs were left out."""
+    if not runs:
+        return runs, []
+    counts = Counter(_keyset(r) for r in runs)
+    if len(counts) == 1:
+        return runs, []
+    best = max(counts.values())
+    main = next(_keyset(r) for r in runs if counts[_keyset(r)] == best)
+    excluded: list[tuple[Run, str]] = []
+    for r in runs:
+        if _keyset(r) != main:
+            extra, missing = sorted(_keyset(r) - main), sorted(main - _keyset(r))
+            parts = [f"add {extra}" if extra else "", f"lack {missing}" if missing else ""]
+            excluded.append((r, "overrides " + ", ".join(s for s in parts if s)))
+    warnings.append(
+        f"{len(excluded)} job(s) in {root} were launched with different override keys "
+        f"than the other {len(runs) - len(excluded)} (mixed, incompatible sweeps in one "
+        "folder); they are listed under 'Excluded jobs' and left out of the table. "
+        "Give each sweep its own folder (the default, or hydra.sweep.dir=...)."
+    )
+    return [r for r in runs if _keyset(r) == main], excluded
+
+
+def _swept_keys(
+    runs: list[Run], declared: dict[str, str]
+) -> tuple[list[str], list[str], dict[str, str]]:
+    """(swept keys, seed keys, fixed values): declared as sweeps or varying across jobs, in
+    the order of the overrides."""
+    order: list[str] = []
+    for r in runs:
+        order += [k for k in r.overrides if k not in order]
+    varying = {k for k in order if len({r.overrides.get(k) for r in runs}) > 1}
+    swept_declared = {k for k, v in declared.items() if (sweep_size(v) or 2) > 1}
+    swept = [k for k in order if (k in varying or k in swept_declared)]
+    seed_keys = [k for k in swept if is_seed_key(k)]
+    swept = [k for k in swept if not is_seed_key(k)]
+    fixed = {
+        k: runs[0].overrides.get(k, "")
+        for k in order
+        if k not in varying and k not in swept and k not in seed_keys
+    }
+    return swept, seed_keys, fixed
