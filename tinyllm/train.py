@@ -32,17 +32,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
-from tinyllm.launch import clear_launch_env, externally_launched, launch_workers
+from tinyllm.hardware import CPU_BF16_MIN_WIDTH, resolve_precision  # noqa: F401 (re-exported)
+from tinyllm.launch import (
+    clear_launch_env,
+    externally_launched,
+    is_global_zero,
+    launch_workers,
+    register_resolvers,
+)
 from tinyllm.module import selection_metric
 from tinyllm.progress import Budget
 
-# Peak dense bf16 FLOP/s of common GPUs, for MFU (override with perf.peak_tflops).
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
-
-# On CPUs with bf16 matrix units, bf16 autocast wins once the matrices are large enough for
-# the matmul speed-up to outweigh the casts; below this width fp32 is faster. Measured with
-# benchmarks/precision.py on the development machine (see benchmarks/README.md).
-CPU_BF16_MIN_WIDTH = 512
+register_resolvers()  # ${run_stamp:...}: one run directory per job under torchrun/srun
 
 
 def _when_finetuning(finetune_value: Any, default: Any, *, _root_: DictConfig) -> Any:
@@ -249,6 +250,7 @@ class Fit:
 def build_trainer(cfg: DictConfig, data: Any, lit: Any, ctx: RunContext) -> Fit:
     """Lightning's Trainer with tinyllm's callbacks, the configured loggers, the DDP workers."""
     precision = resolve_precision(cfg.trainer.precision, ctx.accelerator, lit.model.config.n_embd)
+    _precision_notes(precision, ctx.accelerator)
     monitor = selection_metric(lit.hparams.data_meta)
     _print(_header(lit, ctx, precision, monitor))
     extra = {
@@ -398,11 +400,29 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
     return cbs, metrics
 
 
+def _precision_notes(precision: str, accel: str) -> None:
+    """Warn about bf16-true (no fp32 master weights) and let fp32 matmuls use TF32 on GPUs."""
+    from tinyllm.hardware import enable_tf32, precision_warning
+
+    warning = precision_warning(precision)
+    if warning and _is_rank_zero():
+        print(f"tinyllm: warning: {warning}", file=sys.stderr, flush=True)
+    enable_tf32(accel)
+
+
 def _peak_flops(cfg: DictConfig, accel: str) -> float | None:
+    """Peak FLOP/s for MFU: perf.peak_tflops, else the GPU's exact entry in the table."""
+    from tinyllm.hardware import peak_tflops
+
     peak = cfg.perf.peak_tflops
     if peak is None and accel == "gpu":
         name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+        peak = peak_tflops(name)
+        if peak is None:
+            _print(
+                f"tinyllm: MFU unknown: GPU {name!r} is not in tinyllm/hardware.py's peak "
+                "table; set perf.peak_tflops=<dense bf16 TFLOP/s from its data sheet>."
+            )
     return float(peak) * 1e12 if peak else None
 
 
@@ -454,8 +474,7 @@ def _start_workers(cfg: DictConfig, ctx: RunContext) -> Any:
     workers = launch_workers(ctx.n_local, "tinyllm.train", args, cwd=os.getcwd())
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.n_local))
 
-    def on_failure(rank: int, rc: int) -> None:
-        msg = f"DDP worker rank {rank} exited with code {rc}; stopping the run."
+    def on_failure(msg: str) -> None:  # (the other workers are ended by now)
         print(f"tinyllm: {msg}", file=sys.stderr, flush=True)
         _write_failed(msg)
         os._exit(1)
@@ -542,29 +561,12 @@ def _remove_leftovers(run_dir: Path, ckpt_path: Any) -> None:
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    return is_global_zero()  # (RANK / SLURM_PROCID, not only LOCAL_RANK: multi-node jobs)
 
 
 def _print(*args: Any) -> None:
     if _is_rank_zero():
         print(*args, flush=True)
-
-
-def resolve_precision(precision: Any, accelerator: str, n_embd: int) -> str:
-    """`auto` -> the fastest precision for this device and model width (documented rule)."""
-    if str(precision) != "auto":
-        return str(precision)
-    if accelerator == "gpu":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if n_embd >= CPU_BF16_MIN_WIDTH and _cpu_has_bf16() else "32-true"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
 
 
 def _accelerator(cfg_accel: str) -> str:

@@ -1,0 +1,344 @@
+"""Correct at scale (issue 16), proven on CPU: process groups that die as one, global ranks,
+one run directory per job, a lock around prepare, exact GPU peaks, precision choices."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import REPO, TINY, read_metrics, write_corpus
+
+from tinyllm import hardware, launch
+
+
+# ------------------------------------------------------------------- processes die together
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+def _wait_gone(pid: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _sleeper(seconds: int = 120) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+
+
+def test_a_dead_worker_ends_every_other_worker():
+    procs = [_sleeper(), _sleeper()]
+    group = launch.WorkerGroup(procs, first_rank=1)
+    messages: list[str] = []
+    done = threading.Event()
+    group.watch(lambda msg: (messages.append(msg), done.set()))
+    try:
+        procs[0].send_signal(signal.SIGKILL)
+        assert done.wait(60), "the watcher never noticed the dead worker"
+        assert messages == ["DDP worker rank 1 died (signal 9); stopping"]
+        assert procs[1].poll() is not None, "the surviving worker was left running"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+_PARENT = textwrap.dedent(
+    """
+    import sys, time
+    from tinyllm.launch import launch_workers
+    group = launch_workers(2, "timeit", ["-n", "1", "-s", "import time", "time.sleep(120)"], ".")
+    print(group.procs[0].pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_their_parent(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK"):
+        env.pop(k, None)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+    )
+    try:
+        worker = int(parent.stdout.readline())
+        assert _alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(worker), "the worker outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_exit_descriptions():
+    assert launch.describe_exit(-9) == "died (signal 9)"
+    assert launch.describe_exit(3) == "exited with code 3"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+@pytest.mark.ddp
+def test_killed_ddp_worker_stops_the_run_with_a_clear_message(tmp_path):
+    """A 2-process CPU run whose worker is SIGKILLed ends (not a 30-minute gloo wait)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [*TINY, "data=text", f"data.path={corpus}", f"data_root={tmp_path / 'data'}",
+            "trainer.max_steps=100000", "trainer.val_check_interval=100000", "logger=none",
+            "trainer.devices=2", "batch_size=4", "sample.max_new_tokens=0",
+            "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "NODE_RANK"):
+        env.pop(k, None)
+    rank0 = subprocess.Popen(
+        [sys.executable, "-m", "tinyllm.train", *args], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        workers: list[int] = []
+        while not workers and time.monotonic() < deadline and rank0.poll() is None:
+            workers = _children(rank0.pid)
+            time.sleep(0.5)
+        assert workers, "rank 0 never started its worker"
+        time.sleep(3)  # (let it reach the process group; a kill at any point must end the run)
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = rank0.communicate(timeout=60)  # without the fix: gloo's 30-minute timeout
+    finally:
+        if rank0.poll() is None:
+            rank0.kill()
+            rank0.communicate()
+    assert rank0.returncode != 0
+    assert "DDP worker rank 1 died (signal 9); stopping" in err, err[-2000:]
+    m = read_metrics(tmp_path / "run")
+    assert m["status"] == "failed" and "rank 1 died" in m["error"]
+
+
+# ----------------------------------------------------------------------------- global ranks
+@pytest.mark.parametrize(
+    "env, rank",
+    [
+        ({}, 0),
+        ({"LOCAL_RANK": "1"}, 1),
+        ({"RANK": "3", "LOCAL_RANK": "0"}, 3),  # torchrun, second node's first process
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}, 2),  # srun
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 2),
+        ({"RANK": "1", "SLURM_PROCID": "0"}, 1),  # our workers inside a SLURM allocation
+    ],
+)
+def test_global_rank_whoever_launched(monkeypatch, env, rank):
+    from tinyllm.train import _is_rank_zero
+
+    for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert launch.global_rank() == rank
+    assert _is_rank_zero() == (rank == 0)
+
+
+def test_launch_env_is_restored_after_the_job(monkeypatch):
+    monkeypatch.setenv("RANK", "7")  # e.g. set by a cluster: must survive our own launch
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    group = launch.launch_workers(1, "timeit", [], ".")
+    assert group.procs == [] and os.environ["RANK"] == "0" and os.environ["LOCAL_RANK"] == "0"
+    launch.clear_launch_env()
+    assert os.environ["RANK"] == "7" and "LOCAL_RANK" not in os.environ
+
+
+# ---------------------------------------------------------------------- prepare takes turns
+def test_folder_lock_blocks_a_second_holder(tmp_path):
+    entered = threading.Event()
+
+    def second() -> None:
+        with launch.folder_lock(tmp_path / "d"):
+            entered.set()
+
+    with launch.folder_lock(tmp_path / "d"):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not entered.wait(0.5)  # (flock locks per open file: threads exclude each other)
+    t.join(30)
+    assert entered.is_set()
+
+
+def test_concurrent_prepares_of_one_folder_take_turns(tmp_path):
+    """Two prepares started at once: one builds the folder, the other waits and reuses it."""
+    corpus = write_corpus(tmp_path / "corpus", n_docs=10)
+    out = tmp_path / "data" / "d"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "tinyllm.prepare", "data=text", f"data.path={corpus}",
+           "tokenizer.vocab_size=300", f"out_dir={out}", "num_workers=1",
+           "hydra.run.dir=.", "hydra.output_subdir=null"]  # fmt: skip
+    with launch.folder_lock(out):  # hold the folder so that both start waiting on it
+        procs = [
+            subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        time.sleep(1.0)
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sum("reusing" in e for e in errs) == 1, errs
+    from tinyllm.data.prepare import read_meta
+
+    assert read_meta(out)["splits"]["train"]["tokens"] > 0
+
+
+# ----------------------------------------------------------------------- one run directory
+def test_run_stamp_is_the_clock_for_a_single_process(monkeypatch):
+    for k in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert launch.shared_stamp("%Y") == time.strftime("%Y")
+
+
+def test_run_stamp_under_srun_is_the_same_in_every_task(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_START_TIME", "1700000000")
+    fmt = "%Y-%m-%d/%H-%M-%S.%f"
+    first = launch.shared_stamp(fmt)
+    time.sleep(0.01)  # (a clock-based stamp would differ by now)
+    assert launch.shared_stamp(fmt) == first and first.endswith("-slurm-4242")
+    monkeypatch.delenv("SLURM_JOB_START_TIME")
+    assert launch.shared_stamp(fmt) == "slurm-4242"
+
+
+_TORCHRUN_PROBE = textwrap.dedent(
+    """
+    import os, sys
+    from omegaconf import OmegaConf
+    from tinyllm.launch import register_resolvers
+    register_resolvers()
+    cfg = OmegaConf.create({"dir": "outputs/${run_stamp:%Y-%m-%d/%H-%M-%S.%f}"})
+    with open(os.path.join(sys.argv[1], os.environ["RANK"]), "w") as f:
+        f.write(cfg.dir)
+    """
+)
+
+
+@pytest.mark.ddp
+def test_run_stamp_is_agreed_under_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed beside this python")
+    script = tmp_path / "probe.py"
+    script.write_text(_TORCHRUN_PROBE)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    stamps = {(tmp_path / r).read_text() for r in ("0", "1")}
+    assert len(stamps) == 1, stamps
+
+
+def test_train_config_names_its_run_dir_with_the_shared_stamp():
+    from omegaconf import OmegaConf
+
+    hydra = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "train.yaml").hydra)
+    for d in (hydra["run"]["dir"], hydra["sweep"]["dir"]):
+        assert "${now:" not in d and "${run_stamp:" in d
+
+
+# ------------------------------------------------------------------- GPU peaks, precision
+def test_peak_table_matches_names_exactly():
+    assert hardware.peak_tflops("NVIDIA L40S") == 362.0  # not the L4's 121
+    assert hardware.peak_tflops("NVIDIA L4") == 121.0
+    assert hardware.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert hardware.peak_tflops("NVIDIA A10G") is None  # unknown, not the A10's figure
+    assert hardware.peak_tflops("Tesla V100-SXM2-16GB") is None
+
+
+def test_unknown_gpu_gets_no_mfu_and_says_so(monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from tinyllm import train
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA L40S")
+    cfg = OmegaConf.create({"perf": {"peak_tflops": None}})
+    assert train._peak_flops(cfg, "gpu") == 362e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA Imaginary X1")
+    assert train._peak_flops(cfg, "gpu") is None
+    assert "MFU unknown" in capsys.readouterr().out
+    cfg = OmegaConf.create({"perf": {"peak_tflops": 100}})
+    assert train._peak_flops(cfg, "gpu") == 100e12
+
+
+def test_auto_precision_does_not_count_emulated_bf16(monkeypatch):
+    """A GPU without bf16 units (V100, T4) emulates it: auto must pick 16-mixed there."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation  # emulation only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert hardware.resolve_precision("auto", "gpu", 768) == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert hardware.resolve_precision("auto", "gpu", 768) == "bf16-mixed"
+    assert hardware.resolve_precision("32-true", "gpu", 768) == "32-true"
+
+
+def test_bf16_true_loses_small_updates_as_the_warning_says():
+    """The figures quoted in the bf16-true warning, recomputed."""
+
+    def after_100_steps(dtype: torch.dtype) -> float:
+        p = torch.nn.Parameter(torch.ones(1, dtype=dtype))
+        opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0)
+        for _ in range(100):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        return float(p.detach())
+
+    assert after_100_steps(torch.bfloat16) == 1.0
+    assert round(after_100_steps(torch.float32), 2) == 0.90
+    assert "stays 1.0" in hardware.BF16_TRUE_WARNING and "0.90" in hardware.BF16_TRUE_WARNING
+
+
+def test_bf16_true_is_warned_where_it_is_chosen(capsys):
+    from tinyllm import train
+
+    train._precision_notes("bf16-true", "cpu")
+    assert "no fp32 master" in capsys.readouterr().err
+    train._precision_notes("bf16-mixed", "cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_torch_floor_has_what_the_code_calls():
+    """SDPA's enable_gqa (model/attention.py) arrived in torch 2.5, F.rms_norm in 2.4."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("torch>="))
+    floor = tuple(int(x) for x in spec.split(">=")[1].split(",")[0].split(".")[:2])
+    assert floor >= (2, 5), spec
