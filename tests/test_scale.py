@@ -342,3 +342,22 @@ def test_torch_floor_has_what_the_code_calls():
     spec = next(d for d in deps if d.startswith("torch>="))
     floor = tuple(int(x) for x in spec.split(">=")[1].split(",")[0].split(".")[:2])
     assert floor >= (2, 5), spec
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_dry_run_on_cpu(tmp_path):
+    """The smoke script's CPU dry mode runs every section it can and prints one JSON object."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_smoke.py"), "--dry",
+         "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "s.json")],
+        env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert json.loads(r.stdout) == summary
+    for name in ("env", "prepare", "fp32_dry", "compile", "bf16_true", "generate"):
+        assert summary[name]["ok"] is True, (name, summary[name])
+    assert summary["fsdp"]["skipped"] and summary["flash"]["skipped"]
+    assert summary["bf16_true"]["val_loss_exact"] > 0 and "dynamo" in summary["compile"]
