@@ -3,6 +3,7 @@ one run directory per job, a lock around prepare, exact GPU peaks, precision cho
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -361,3 +362,159 @@ def test_gpu_smoke_script_dry_run_on_cpu(tmp_path):
         assert summary[name]["ok"] is True, (name, summary[name])
     assert summary["fsdp"]["skipped"] and summary["flash"]["skipped"]
     assert summary["bf16_true"]["val_loss_exact"] > 0 and "dynamo" in summary["compile"]
+
+
+# ------------------------------------------------------------------- ranks agree each window
+def _spawn(fn, tmp_path: Path, world: int = 2) -> list[dict]:
+    """Run fn(rank, world, port, out_dir) in `world` processes on a gloo group; their JSON."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(world, launch.free_port(), str(tmp_path)), nprocs=world)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _init_gloo(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _window_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from tinyllm.parallel import WindowSync
+
+    _init_gloo(rank, world, port)
+    sync = WindowSync()
+    sync.start()
+    if rank == 0:
+        time.sleep(0.3)  # rank 0's clock runs ahead of rank 1's by ~0.3 s
+    losses = {0: [1.0, 2.0], 1: [3.0, 6.0]}[rank]
+    for v in losses:
+        sync.update(torch.tensor(v))
+    mean, elapsed = sync.flush(), sync.elapsed
+    sync.update(torch.tensor(float("nan") if rank == 1 else 1.0))
+    nan_mean = sync.flush()
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"mean": mean, "elapsed": elapsed, "nan": str(nan_mean)})
+    )
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_window_loss_and_clock_are_agreed_across_ranks(tmp_path):
+    r0, r1 = _spawn(_window_worker, tmp_path)
+    assert r0["mean"] == r1["mean"] == 3.0  # (1 + 2 + 3 + 6) / 4: every rank's steps
+    assert r0["elapsed"] == r1["elapsed"] >= 0.3  # rank 0's clock, on both
+    assert r0["nan"] == r1["nan"] == "nan"  # rank 1's NaN stops rank 0 too
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """torch FSDP on gloo (Lightning's FSDP refuses CPUs): what changes once weights shard."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from tinyllm.model.gpt import Block
+    from tinyllm.module import LitGPT
+
+    _init_gloo(rank, world, port)
+    torch.manual_seed(0)
+    lit = LitGPT({"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16})
+    full = (lit.model.num_params(), lit.model.flops_per_token())
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    lit.model.activation_checkpointing = rank == 1  # one rank recomputes, the other stores
+    root = FSDP(
+        lit, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
+        device_id=torch.device("cpu"),
+    )  # fmt: skip
+    loss = root(x).float().pow(2).mean()
+    loss.backward()
+    norm = float(root.clip_grad_norm_(1e9))  # the norm over every rank's shards
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "full": full, "sharded": [lit.model.num_params(), lit.model.flops_per_token()],
+        "counted": [lit.n_params, lit.flops_per_token], "norm": norm,
+        "units": sum(isinstance(m, FSDP) for m in root.modules()),
+    }))  # fmt: skip
+    dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_fsdp_counts_params_once_before_wrapping(tmp_path):
+    r0, r1 = _spawn(_fsdp_worker, tmp_path)
+    for r in (r0, r1):
+        assert r["sharded"][0] < r["full"][0]  # what a count after wrapping would report...
+        assert r["counted"] == r["full"]  # ...and what LitGPT counted before wrapping
+        assert r["units"] == 3  # the root and one unit per Block (auto-wrap)
+    # same inputs and weights, activations recomputed on rank 1 only: the same gradients
+    assert math.isclose(r0["norm"], r1["norm"], rel_tol=1e-6)
+
+
+def test_ddp_and_fsdp_strategies_as_built():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from tinyllm.model.gpt import Block
+    from tinyllm.parallel import build_strategy
+
+    ddp = build_strategy("auto", world=2)
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["broadcast_buffers"] is False
+    assert isinstance(build_strategy("ddp", world=2), DDPStrategy)
+    fsdp = build_strategy("fsdp", world=2)
+    policy = fsdp.kwargs["auto_wrap_policy"]
+    assert isinstance(fsdp, FSDPStrategy) and policy._module_classes == {Block}
+    assert build_strategy("auto", world=1) == "auto"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from tinyllm.model import GPT, ModelConfig
+
+    cfg = {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        m = GPT(ModelConfig.from_dict(cfg))
+        m.activation_checkpointing = on
+        m(x).float().pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_nan_skip_is_refused_with_several_ranks():
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.parallel import refuse_skip_with_ranks
+
+    refuse_skip_with_ranks("skip", 1)
+    refuse_skip_with_ranks("stop", 4)
+    with pytest.raises(TinyLLMError, match="nan_policy=skip with 2 processes"):
+        refuse_skip_with_ranks("skip", 2)
+
+
+def test_eager_runs_a_compiled_model_without_compiling_again():
+    import torch._dynamo.utils as du
+
+    from tinyllm.model import GPT, ModelConfig
+    from tinyllm.parallel import eager
+
+    torch._dynamo.reset()
+    du.counters.clear()
+    m = GPT(ModelConfig.from_dict({"vocab_size": 64, "block_size": 16, "n_layer": 1,
+                                   "n_head": 2, "n_embd": 16, "pos": "rope"}))  # fmt: skip
+    m.compile(backend="eager")  # dynamo's tracing (what counts graphs), no code generation
+    x = torch.randint(0, 64, (2, 16))
+    m(x).float().mean().backward()
+    graphs = du.counters["stats"]["unique_graphs"]
+    assert graphs == 1 and not du.counters["graph_break"]  # the training graph: one, unbroken
+    with eager(m), torch.no_grad():
+        cache = m.init_kv_cache(1, max_seq_len=16, device="cpu")
+        for t in range(1, 5):  # a new length at every call: each would be a recompile
+            m(x[:1, t - 1 : t], kv_cache=cache)
+    assert du.counters["stats"]["unique_graphs"] == graphs and not du.counters["graph_break"]
