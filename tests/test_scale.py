@@ -388,19 +388,15 @@ def _window_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from tinyllm.parallel import WindowSync
+    from tinyllm.parallel import agree_window
 
     _init_gloo(rank, world, port)
-    sync = WindowSync()
-    sync.start()
+    t0 = time.monotonic()
     if rank == 0:
         time.sleep(0.3)  # rank 0's clock runs ahead of rank 1's by ~0.3 s
-    losses = {0: [1.0, 2.0], 1: [3.0, 6.0]}[rank]
-    for v in losses:
-        sync.update(torch.tensor(v))
-    mean, elapsed = sync.flush(), sync.elapsed
-    sync.update(torch.tensor(float("nan") if rank == 1 else 1.0))
-    nan_mean = sync.flush()
+    loss_sum = torch.tensor({0: 1.0 + 2.0, 1: 3.0 + 6.0}[rank])  # two steps on each rank
+    mean, elapsed = agree_window(loss_sum, 2, t0)
+    nan_mean, _ = agree_window(torch.tensor(float("nan") if rank == 1 else 1.0), 1, t0)
     Path(out, f"rank{rank}.json").write_text(
         json.dumps({"mean": mean, "elapsed": elapsed, "nan": str(nan_mean)})
     )
@@ -518,3 +514,164 @@ def test_eager_runs_a_compiled_model_without_compiling_again():
         for t in range(1, 5):  # a new length at every call: each would be a recompile
             m(x[:1, t - 1 : t], kv_cache=cache)
     assert du.counters["stats"]["unique_graphs"] == graphs and not du.counters["graph_break"]
+
+
+# ------------------------------------------------------------------------ FSDP, compile, clock
+MICRO = {"vocab_size": 280, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+
+
+def _tokenizer():
+    from tinyllm.tokenizer import BPETokenizer
+
+    return BPETokenizer.train("the quick brown fox jumps over the lazy dog " * 20, 280)
+
+
+def _sampler_trainer(strategy_name: str):
+    from types import SimpleNamespace
+
+    strategy = type(strategy_name, (), {})()
+    return SimpleNamespace(sanity_checking=False, strategy=strategy, loggers=[], global_step=1)
+
+
+def test_text_sampler_is_skipped_under_fsdp_with_one_line(monkeypatch, capsys):
+    import tinyllm.sampling as sampling
+    from tinyllm.callbacks import TextSampler
+    from tinyllm.module import LitGPT
+
+    calls = []
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: calls.append(1) or "text")
+    cb = TextSampler(_tokenizer(), max_new_tokens=4)
+    lit = LitGPT(MICRO)
+    for _ in range(2):
+        cb.on_validation_end(_sampler_trainer("FSDPStrategy"), lit)
+    assert calls == [] and capsys.readouterr().out.count("skipped under FSDP") == 1
+    cb.on_validation_end(_sampler_trainer("DDPStrategy"), lit)
+    assert calls == [1]
+
+
+def test_text_sampler_decodes_a_compiled_model_eagerly():
+    import torch._dynamo.utils as du
+
+    from tinyllm.callbacks import TextSampler
+    from tinyllm.module import LitGPT
+
+    torch._dynamo.reset()
+    du.counters.clear()
+    lit = LitGPT(MICRO)
+    lit.model.compile(backend="eager")
+    x = torch.randint(0, 280, (2, 16))
+    lit.model(x).float().mean().backward()  # the training graph
+    graphs = du.counters["stats"]["unique_graphs"]
+    TextSampler(_tokenizer(), max_new_tokens=6, top_k=5).on_validation_end(
+        _sampler_trainer("SingleDeviceStrategy"), lit
+    )
+    assert du.counters["stats"]["unique_graphs"] == graphs  # no recompile per decoded length
+    assert not du.counters["graph_break"]
+
+
+def test_fsdp_16_mixed_clips_through_the_root_module(monkeypatch):
+    """With a gradient scaler (16-mixed) under FSDP, Lightning's FSDP precision plugin refuses
+    norm clipping; it has unscaled the gradients by then, so the root module clips."""
+    from types import SimpleNamespace
+
+    import tinyllm.module as module
+    from tinyllm.module import LitGPT
+
+    calls = []
+
+    class Root:
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+            return torch.tensor(2.0)
+
+    lit = LitGPT(MICRO)
+    lit._trainer = SimpleNamespace(
+        strategy=SimpleNamespace(model=Root()), precision_plugin=SimpleNamespace(scaler=object()),
+        gradient_clip_val=1.0, gradient_clip_algorithm=None,
+        global_step=3, log_every_n_steps=5, is_global_zero=True, loggers=[],
+    )  # fmt: skip
+    monkeypatch.setattr(module, "_is_fsdp", lambda m: isinstance(m, Root))
+    assert lit.grad_norm_from_clipping()
+    lit.configure_gradient_clipping(None, gradient_clip_val=1.0)
+    assert calls == [1.0]
+
+
+def test_time_budget_schedule_follows_the_agreed_clock_not_the_local_one():
+    from tinyllm.module import LitGPT
+
+    lit = LitGPT(MICRO, optim={"max_steps": 100, "max_time_s": 60.0, "warmup_steps": 0})
+    lit._t_train_start = time.monotonic() - 1000  # this rank's own clock: far past the budget
+    lit._elapsed_s = 0.0  # rank 0's clock, agreed at the latest window: just started
+    assert lit._lr_lambda(10) == pytest.approx(_lr(lit, 10))
+    lit._elapsed_s = 30.0  # half the budget: the schedule is at least half-way
+    assert lit._lr_lambda(10) == pytest.approx(_lr(lit, 50))
+
+
+def _lr(lit, step: int) -> float:
+    from tinyllm.module import lr_factor
+
+    return lr_factor(step, lit.optim_cfg)
+
+
+def test_z_loss_without_boolean_selection_equals_the_masked_mean():
+    from tinyllm.module import IGNORE_INDEX, LitGPT
+
+    lit = LitGPT({**MICRO, "z_loss": 1e-2})
+    logits = torch.randn(2, 5, 280, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 280, (2, 5), generator=torch.Generator().manual_seed(1))
+    y[0, :2] = IGNORE_INDEX
+    flat, t = logits.reshape(10, 280), y.reshape(10)
+    ce = torch.nn.functional.cross_entropy(flat, t, ignore_index=IGNORE_INDEX)
+    expected = ce + 1e-2 * torch.logsumexp(flat[t != IGNORE_INDEX], -1).pow(2).mean()
+    torch.testing.assert_close(lit.loss(logits, y), expected)
+
+
+class _SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts tensor operations that make the host wait for the device's result."""
+
+    SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+             "masked_select", "unique"}  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+        self.counts: dict[int, int] = {}
+        self.step = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if self.on:
+            index = args[1] if name == "__getitem__" and len(args) > 1 else None
+            boolean = isinstance(index, torch.Tensor) and index.dtype == torch.bool
+            if name in self.SYNCS or boolean:
+                self.counts[self.step] = self.counts.get(self.step, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_on_steps_between_logging_windows():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from tinyllm.module import LitGPT
+
+    counter = _SyncCounter()
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            counter.step = trainer.global_step
+            counter.on = trainer.global_step >= 2  # (after the first steps' one-off set-up)
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, 280, (12, 4, 17), generator=g)]
+    lit = LitGPT({**MICRO, "z_loss": 1e-4}, optim={"warmup_steps": 2})
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=12, log_every_n_steps=5, logger=False, callbacks=[Probe()],
+        limit_val_batches=0, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, gradient_clip_val=1.0,
+    )  # fmt: skip
+    with counter:
+        trainer.fit(lit, DataLoader(batches, batch_size=None))
+    window_ends = {4, 9, 11}  # steps whose end reads the window (0-based: steps 5, 10, 12 done)
+    quiet = {s: n for s, n in counter.counts.items() if s not in window_ends}
+    assert quiet == {}, f"host syncs on steps between windows: {quiet}"
+    assert all(counter.counts.get(s, 0) <= 3 for s in window_ends)  # loss mean, clip norm, lr

@@ -3,7 +3,7 @@
 Every decision that changes what a rank does next (stop on a NaN, the learning rate under a
 time budget) must be taken from the same numbers on every rank; otherwise one rank stops while
 the others wait for it in the next all-reduce, or the replicas drift apart. The numbers are
-agreed once per logging window, in one collective (`WindowSync`), never per step: a per-step
+agreed once per logging window, in one collective (`agree_window`), never per step: a per-step
 collective, like a per-step `.item()`, makes the host wait for the device on every step.
 
 Also here: the Lightning strategies tinyllm builds (DDP without buffer broadcasts, FSDP
@@ -29,57 +29,29 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class WindowSync:
-    """Once per logging window: the mean train loss over every rank, and rank 0's clock.
+def agree_window(loss_sum: torch.Tensor, steps: int, t0: float | None) -> tuple[float, float]:
+    """Once per logging window: (mean train loss over every rank's steps, rank 0's clock).
 
-    `update(loss)` adds a step's loss on the device (no sync). `flush()` all-reduces one small
-    fp64 vector [loss sum, steps, rank 0's elapsed seconds] and reads it back in one transfer:
-    every rank gets the same mean (NaN on every rank if any rank saw NaN) and the same clock.
+    One all-reduce of a small fp64 vector [loss sum, steps, rank 0's seconds since t0], read
+    back in one device -> host transfer: every rank gets the same mean (NaN on every rank if
+    any rank saw NaN, so all of them stop together) and the same elapsed time.
     """
-
-    def __init__(self) -> None:
-        self.loss_sum: torch.Tensor | None = None
-        self.count = 0
-        self.t0: float | None = None
-        self.elapsed = 0.0  # rank 0's elapsed seconds at the latest flush (every rank)
-
-    def start(self) -> None:
-        self.t0 = time.monotonic()
-        self.loss_sum, self.count, self.elapsed = None, 0, 0.0
-
-    def update(self, loss: torch.Tensor) -> None:
-        d = loss.detach()
-        self.loss_sum = d if self.loss_sum is None else self.loss_sum + d
-        self.count += 1
-
-    def flush(self) -> float | None:
-        """The window's mean loss over all ranks (None when the window is empty)."""
-        if self.loss_sum is None:
-            return None
-        loss_sum, count = self.loss_sum, self.count
-        self.loss_sum, self.count = None, 0
-        own = time.monotonic() - self.t0 if self.t0 is not None else 0.0
-        dist = torch.distributed
-        world = world_size()
-        is_zero = world == 1 or dist.get_rank() == 0
-        vec = torch.stack(
-            [
-                loss_sum.to(torch.float64).reshape(()),
-                torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device),
-                torch.tensor(own if is_zero else 0.0, dtype=torch.float64, device=loss_sum.device),
-            ]
-        )
-        if world > 1:
-            dist.all_reduce(vec)  # sum: the clock term is non-zero on rank 0 only
-        total, steps, self.elapsed = vec.tolist()  # one device -> host transfer per window
-        return total / steps
-
-
-def elapsed_fraction(elapsed_s: float, max_time_s: float | None) -> float:
-    """How far through a time budget the run is, from the agreed clock (0 without a budget)."""
-    if not max_time_s:
-        return 0.0
-    return min(1.0, max(0.0, elapsed_s / max_time_s))
+    own = time.monotonic() - t0 if t0 is not None else 0.0
+    dist = torch.distributed
+    world = world_size()
+    is_zero = world == 1 or dist.get_rank() == 0
+    dev = loss_sum.device
+    vec = torch.stack(
+        [
+            loss_sum.detach().to(torch.float64).reshape(()),
+            torch.tensor(float(steps), dtype=torch.float64, device=dev),
+            torch.tensor(own if is_zero else 0.0, dtype=torch.float64, device=dev),
+        ]
+    )
+    if world > 1:
+        dist.all_reduce(vec)  # a sum: the clock term is non-zero on rank 0 only
+    total, n, elapsed = vec.tolist()
+    return total / n, elapsed
 
 
 # -- strategies --------------------------------------------------------------------------------
