@@ -675,3 +675,43 @@ def test_no_host_sync_on_steps_between_logging_windows():
     quiet = {s: n for s, n in counter.counts.items() if s not in window_ends}
     assert quiet == {}, f"host syncs on steps between windows: {quiet}"
     assert all(counter.counts.get(s, 0) <= 3 for s in window_ends)  # loss mean, clip norm, lr
+
+
+def test_exact_match_is_skipped_under_fsdp_with_one_line(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import tinyllm.data.qa as qa
+
+    calls = []
+    monkeypatch.setattr(qa, "exact_match", lambda *a, **k: calls.append(1) or 1.0)
+    cb = qa.ExactMatchCallback([object()], tokenizer=None)
+    trainer = SimpleNamespace(sanity_checking=False, strategy=type("FSDPStrategy", (), {})(),
+                              is_global_zero=True, global_rank=0, world_size=2)  # fmt: skip
+    for _ in range(2):
+        cb.on_validation_epoch_end(trainer, SimpleNamespace(model=None))
+    assert calls == [] and capsys.readouterr().out.count("skipped under FSDP") == 1
+
+
+def test_unclipped_grad_norm_under_fsdp_spans_every_rank():
+    """Without clipping, train/grad_norm under FSDP comes from the root module (all shards),
+    not from this rank's shards of the gradients."""
+    from types import SimpleNamespace
+
+    from tinyllm.callbacks import ThroughputMonitor
+
+    calls, logged = [], []
+
+    class Root:
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+            return torch.tensor(5.0)
+
+    pl_module = SimpleNamespace(
+        grad_norm_from_clipping=lambda: False,
+        log_step_metrics=lambda m, step=None: logged.append(m),
+        parameters=lambda: [],
+    )
+    trainer = SimpleNamespace(global_step=4, strategy=SimpleNamespace(model=Root()))
+    opt = SimpleNamespace(param_groups=[{"lr": 0.1}])
+    ThroughputMonitor(every=5).on_before_optimizer_step(trainer, pl_module, opt)
+    assert calls == [float("inf")] and logged[0]["train/grad_norm"] == 5.0

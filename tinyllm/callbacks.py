@@ -95,7 +95,12 @@ class ThroughputMonitor(L.Callback):
             metrics = {"train/lr": float(optimizer.param_groups[0]["lr"])}
             # LitGPT's norm clipping measures the norm anyway (and logs it); else take it here
             from_clip = getattr(pl_module, "grad_norm_from_clipping", None)
-            if from_clip is None or not from_clip():
+            root = getattr(trainer.strategy, "model", None)
+            if (from_clip is None or not from_clip()) and hasattr(root, "clip_grad_norm_"):
+                # FSDP: this rank holds shards of the gradients; the root module's norm spans
+                # every rank's (max_norm=inf: measured, never clipped; every rank calls it)
+                metrics["train/grad_norm"] = float(root.clip_grad_norm_(float("inf")))
+            elif from_clip is None or not from_clip():
                 grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
                 if grads:
                     norms = torch._foreach_norm(grads, 2)  # one multi-tensor pass
