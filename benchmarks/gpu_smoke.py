@@ -14,7 +14,8 @@ pydocs tokenizer's 4k vocabulary):
   generate     the bf16-mixed checkpoint in bf16, greedy, with and without the KV cache:
                tokens/s of each and whether they chose the same tokens
   flash        per position type, with and without GQA: does SDPA's flash kernel run?
-  fsdp         trainer=fsdp, 20 steps (the text sampler at validation included)
+  fsdp         trainer=fsdp with trainer.activation_checkpointing=true, 20 steps (the text
+               sampler skips itself under FSDP); `params` must be the whole model's
 
     python benchmarks/gpu_smoke.py [--out smoke.json]     # on a GPU machine
     python benchmarks/gpu_smoke.py --dry                  # on CPU: a nano model, few steps
@@ -232,6 +233,7 @@ def checks(summary: dict[str, Any]) -> dict[str, bool | None]:
         "fsdp_completed": None
         if "status" not in summary.get("fsdp", {})
         else summary["fsdp"]["status"] == "completed",
+        "fsdp_params_whole_model": summary.get("fsdp", {}).get("params_whole_model"),
     }
 
 
@@ -332,9 +334,11 @@ def main() -> None:
         @section(summary, "fsdp")
         def _fsdp():
             args = [*common, "trainer=fsdp", "trainer.devices=1",
+                    "trainer.activation_checkpointing=true", "sample.max_new_tokens=16",
                     f"trainer.max_steps={fsdp_steps}", f"trainer.val_check_interval={fsdp_steps}",
-                    "sample.max_new_tokens=16"]  # fmt: skip
-            return run_figures(train(args, work / "fsdp", 900), holder["peak"])
+                    ]  # fmt: skip
+            m = run_figures(train(args, work / "fsdp", 900), holder["peak"])
+            return {**m, "params_whole_model": m["params"] == summary["bf16_mixed"].get("params")}
     else:
         skipped(summary, "flash", "no CUDA device (dry run)")
         skipped(summary, "fsdp", "no CUDA device (dry run): Lightning's FSDP needs GPUs")

@@ -715,3 +715,32 @@ def test_unclipped_grad_norm_under_fsdp_spans_every_rank():
     opt = SimpleNamespace(param_groups=[{"lr": 0.1}])
     ThroughputMonitor(every=5).on_before_optimizer_step(trainer, pl_module, opt)
     assert calls == [float("inf")] and logged[0]["train/grad_norm"] == 5.0
+
+
+# ------------------------------------------------------------------------ the entry point
+@pytest.fixture(scope="module")
+def tiny_args(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    corpus = write_corpus(root / "corpus", n_docs=20)
+    return [*TINY, "data=text", f"data.path={corpus}", f"data_root={root / 'data'}",
+            "logger=none", "sample.max_new_tokens=0"]  # fmt: skip
+
+
+def test_activation_checkpointing_option_trains_the_same(tiny_args, tmp_path):
+    from train_utils import train_in_process
+
+    args = [*tiny_args, "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    plain = train_in_process(args, tmp_path / "plain")
+    recomputed = train_in_process([*args, "trainer.activation_checkpointing=true"], tmp_path / "ac")
+    assert recomputed["status"] == "completed"
+    assert math.isclose(plain["val/loss"], recomputed["val/loss"], rel_tol=1e-5)
+
+
+def test_nan_skip_with_two_processes_fails_before_any_worker_starts(tiny_args, tmp_path):
+    from train_utils import train_in_process
+
+    from tinyllm.errors import TinyLLMError
+
+    with pytest.raises(TinyLLMError, match="nan_policy=skip with 2 processes"):
+        train_in_process([*tiny_args, "nan_policy=skip", "trainer.devices=2"], tmp_path / "r")
+    assert not (tmp_path / "r" / ".tinyllm").exists()  # no worker was started

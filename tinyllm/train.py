@@ -41,6 +41,7 @@ from tinyllm.launch import (
     register_resolvers,
 )
 from tinyllm.module import selection_metric
+from tinyllm.parallel import build_strategy, refuse_skip_with_ranks
 from tinyllm.progress import Budget
 
 register_resolvers()  # ${run_stamp:...}: one run directory per job under torchrun/srun
@@ -108,6 +109,7 @@ def setup(cfg: DictConfig) -> RunContext:
         )
     n_local = _check_devices(accel, cfg.trainer.devices)
     world = n_local * int(cfg.trainer.num_nodes)
+    refuse_skip_with_ranks(str(cfg.nan_policy), world)  # (before any worker starts)
     FastSetattr.enabled = bool(cfg.perf.fast_setattr)
     max_steps = int(cfg.trainer.max_steps)
     if cfg.budget.max_tokens:
@@ -219,6 +221,7 @@ def build_module(cfg: DictConfig, data: Any, ctx: RunContext) -> Any:
         ctx.resume_step = _check_resume(Path(cfg.ckpt_path), lit.model.config.to_dict())
     if cfg.init_from:
         _load_weights(lit, cfg.init_from)
+    lit.model.activation_checkpointing = bool(cfg.trainer.get("activation_checkpointing"))
     if cfg.compile:
         lit.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
     return lit
@@ -430,10 +433,9 @@ def _trainer_kwargs(cfg: DictConfig, ctx: RunContext, precision: str, callbacks,
     from tinyllm.callbacks import AtomicCheckpointIO
     from tinyllm.perf import NoOpProfiler
 
-    strategy = cfg.trainer.strategy
-    if ctx.world > 1 and strategy == "auto":
-        strategy = "ddp"
+    strategy = build_strategy(cfg.trainer.strategy, ctx.world)  # DDP/FSDP objects, tuned
     tkw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    tkw.pop("activation_checkpointing", None)  # (ours: applied to the model in build_module)
     tkw.update(
         accelerator=ctx.accelerator,
         strategy=strategy,
