@@ -744,3 +744,15 @@ def test_nan_skip_with_two_processes_fails_before_any_worker_starts(tiny_args, t
     with pytest.raises(TinyLLMError, match="nan_policy=skip with 2 processes"):
         train_in_process([*tiny_args, "nan_policy=skip", "trainer.devices=2"], tmp_path / "r")
     assert not (tmp_path / "r" / ".tinyllm").exists()  # no worker was started
+
+
+def test_tf32_only_on_cuda(monkeypatch):
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert hardware.enable_tf32("cpu") is False
+        assert torch.get_float32_matmul_precision() == before
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert hardware.enable_tf32("gpu") is True
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
