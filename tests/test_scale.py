@@ -97,15 +97,17 @@ def test_exit_descriptions():
     assert launch.describe_exit(3) == "exited with code 3"
 
 
-def _children(pid: int) -> list[int]:
+def _children(pid: int, marker: bytes = b"tinyllm.train") -> list[int]:
+    """Child processes of `pid` whose command line holds `marker` (our DDP workers)."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (d / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and marker in cmdline:
                 out.append(int(d.name))
     return out
 
