@@ -277,7 +277,7 @@ def build_trainer(cfg: DictConfig, data: Any, lit: Any, ctx: RunContext) -> Fit:
     workers = _start_workers(cfg, ctx) if ctx.n_local > 1 and not externally_launched() else None
     trainer = L.Trainer(**_trainer_kwargs(cfg, ctx, precision, callbacks, loggers))
     if loggers and ctx.rank_zero:
-        hp = _flat_hparams(cfg, lit.hparams.model_config, lit.model.num_params())
+        hp = _flat_hparams(cfg, lit.hparams.model_config, lit.n_params)
         loggers[0].log_hyperparams(hp, {"hp/val_bpb": float("nan")})
     return Fit(trainer, metrics, workers, monitor)
 
@@ -348,7 +348,7 @@ def _interrupted(trainer, lit, metrics) -> None:
 def _header(lit: Any, ctx: RunContext, precision: str, monitor: str) -> str:
     mc = lit.hparams.model_config
     return (
-        f"tinyllm: {lit.model.num_params() / 1e6:.2f}M parameters | {mc['n_layer']} layers x "
+        f"tinyllm: {lit.n_params / 1e6:.2f}M parameters | {mc['n_layer']} layers x "
         f"{mc['n_embd']} wide, {mc['norm']}/{mc['activation']}/{mc['pos']} | vocab "
         f"{mc['vocab_size']} | {ctx.accelerator} x{ctx.world} | {precision} | "
         f"{ctx.budget.describe(ctx.resume_step)} | best.ckpt by {monitor} | run dir {ctx.run_dir}"
