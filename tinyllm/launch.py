@@ -190,7 +190,7 @@ def clear_launch_env() -> None:
 # -- a lock for work that several processes may start at once -------------------------------------
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str = "preparing") -> Iterator[None]:
-    """Hold an exclusive lock on `<folder>/.lock` while the body runs.
+    """Hold an exclusive lock on `.<folder name>.lock` beside the folder while the body runs.
 
     Two processes preparing the same data folder at once (two jobs, or several nodes sharing
     a file system) would interleave their writes; with the lock the second waits, then finds
@@ -203,8 +203,9 @@ def folder_lock(folder: str | Path, what: str = "preparing") -> Iterator[None]:
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as f:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # beside the folder, not in it: the folder holds exactly what prepare writes
+    with open(folder.parent / f".{folder.name}.lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -542,7 +542,7 @@ def prepare_data(
 
     Reuses out_dir when its meta.json has the same content hash (source bytes + settings);
     `force=True` redoes it. Returns out_dir. Concurrent calls on one folder (several jobs or
-    nodes) take turns on a lock file, out_dir/.lock: the later ones find the folder reusable.
+    nodes) take turns on a lock file beside it (.<name>.lock): the later ones reuse the folder.
     """
     from tinyllm.launch import folder_lock
 
