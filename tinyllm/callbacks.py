@@ -78,7 +78,7 @@ class ThroughputMonitor(L.Callback):
         self.window_tokens_per_s.append(tps)
         metrics = {"train/tokens_per_s": tps, "train/tokens": float(pl_module.tokens_seen)}
         if self.peak_flops:
-            flops = pl_module.model.flops_per_token() * tps
+            flops = pl_module.flops_per_token * tps  # (counted before any FSDP sharding)
             metrics["train/mfu"] = flops / (self.peak_flops * trainer.world_size)
         pl_module.log_step_metrics(metrics)
 
@@ -95,7 +95,12 @@ class ThroughputMonitor(L.Callback):
             metrics = {"train/lr": float(optimizer.param_groups[0]["lr"])}
             # LitGPT's norm clipping measures the norm anyway (and logs it); else take it here
             from_clip = getattr(pl_module, "grad_norm_from_clipping", None)
-            if from_clip is None or not from_clip():
+            root = getattr(trainer.strategy, "model", None)
+            if (from_clip is None or not from_clip()) and hasattr(root, "clip_grad_norm_"):
+                # FSDP: this rank holds shards of the gradients; the root module's norm spans
+                # every rank's (max_norm=inf: measured, never clipped; every rank calls it)
+                metrics["train/grad_norm"] = float(root.clip_grad_norm_(float("inf")))
+            elif from_clip is None or not from_clip():
                 grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
                 if grads:
                     norms = torch._foreach_norm(grads, 2)  # one multi-tensor pass
@@ -192,7 +197,7 @@ class MetricsFile(L.Callback):
             "train/loss": float(train_loss) if train_loss is not None else None,
             "train/tokens_per_s": tps,
             "train/tokens_per_s_median": self.throughput.median_tokens_per_s(),
-            "params": pl_module.model.num_params(),
+            "params": pl_module.n_params,  # (counted before any FSDP sharding)
             "step": trainer.global_step,
             "tokens": pl_module.tokens_seen,
             "wall_time_s": round(time.time() - self.t_start, 3),
@@ -221,13 +226,19 @@ class MetricsFile(L.Callback):
 
 
 class TextSampler(L.Callback):
-    """Generates a short sample at each validation and logs it to TensorBoard (rank zero)."""
+    """Generates a short sample at each validation and logs it to TensorBoard (rank zero).
+
+    With a compiled model the sample is decoded by the eager module: each new length would
+    otherwise recompile the training graph. Under FSDP it is skipped (said once): rank zero
+    holds only its shards of the weights, and decoding them alone would fail or deadlock.
+    """
 
     def __init__(self, tokenizer, prompt: str = "", max_new_tokens: int = 64, **sampling) -> None:
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
+        self._said_fsdp = False
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -235,13 +246,20 @@ class TextSampler(L.Callback):
             return
         if not math.isfinite(getattr(pl_module, "val_results", {}).get("val/loss", 0.0)):
             return  # a diverged model's probabilities are NaN: nothing to sample
+        from tinyllm.parallel import eager, is_fsdp
         from tinyllm.sampling import generate
 
+        if is_fsdp(trainer):
+            if not self._said_fsdp:
+                self._said_fsdp = True
+                print("tinyllm: text samples are skipped under FSDP (sharded weights); "
+                      "generate from a checkpoint instead.", flush=True)  # fmt: skip
+            return
         model = pl_module.model
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), warnings.catch_warnings():
+            with eager(model), torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. sliding-window notes: a sample is a peek
                 text = generate(
                     model,

@@ -24,6 +24,7 @@ from tinyllm.data.protocol import split_bytes
 from tinyllm.errors import TinyLLMError
 from tinyllm.io import strip_compile_prefix
 from tinyllm.model import GPT, ModelConfig
+from tinyllm.parallel import agree_window, refuse_skip_with_ranks
 from tinyllm.perf import FastSetattr
 
 
@@ -112,6 +113,10 @@ class LitGPT(FastSetattr, L.LightningModule):
         # logger=False: the tokenizer and meta are large; train.py logs a flat hparams table.
         self.save_hyperparameters(logger=False)
         self.model = GPT(ModelConfig.from_dict(model_config))
+        # Counted once, here, before any wrapping: under FSDP the model's parameters become
+        # this rank's shards, and counting them then would divide params and MFU by the ranks.
+        self.n_params = self.model.num_params()
+        self.flops_per_token = self.model.flops_per_token()
         self.optim_cfg = OptimConfig.from_dict(optim)
         self.nan_policy = nan_policy
         # bits per byte = nats per token / ln 2 * tokens per byte (of the validation split)
@@ -130,6 +135,7 @@ class LitGPT(FastSetattr, L.LightningModule):
         self._loss_sum: torch.Tensor | None = None  # train loss summed over the log window
         self._loss_count = 0
         self._loss_logged_at = -1  # global step of the latest train/loss log
+        self._elapsed_s = 0.0  # rank 0's seconds of training at the latest window (every rank)
         self.step_metrics: dict[str, float] = {}  # latest train/* values (log_step_metrics)
 
     # -- the model ---------------------------------------------------------------------------
@@ -143,9 +149,12 @@ class LitGPT(FastSetattr, L.LightningModule):
         loss = F.cross_entropy(flat, targets.reshape(B * T), ignore_index=IGNORE_INDEX)
         z = self.model.config.z_loss
         if z > 0:
-            # z-loss (PaLM): keeps the softmax normaliser near 1 so logits don't drift.
-            mask = targets.reshape(B * T) != IGNORE_INDEX
-            loss = loss + z * torch.logsumexp(flat[mask], dim=-1).pow(2).mean()
+            # z-loss (PaLM): keeps the softmax normaliser near 1 so logits don't drift. The
+            # mean over kept targets is a masked sum / count: `flat[mask]` would make the host
+            # wait for the device every step (the size of a boolean selection is data).
+            mask = (targets.reshape(B * T) != IGNORE_INDEX).to(flat.dtype)  # (B*T,)
+            lse2 = torch.logsumexp(flat, dim=-1).pow(2)  # (B*T,)
+            loss = loss + z * (lse2 * mask).sum() / mask.sum().clamp(min=1)
         return loss
 
     # -- steps -------------------------------------------------------------------------------
@@ -180,11 +189,12 @@ class LitGPT(FastSetattr, L.LightningModule):
         """Log the window's mean train/loss; with nan_policy=stop, stop if it is non-finite."""
         if self._loss_sum is None:
             return
-        mean = self._loss_sum / self._loss_count
+        # one collective and one device sync per window: every rank gets the same mean over
+        # all ranks' steps (so all stop together on a NaN) and rank 0's clock (the schedule)
+        value, self._elapsed_s = agree_window(self._loss_sum, self._loss_count, self._t_train_start)
         first = self._loss_logged_at + 1
         self._loss_sum, self._loss_count = None, 0
         self._loss_logged_at = self.global_step
-        value = mean.item()  # one device sync per logging window
         if not math.isfinite(value):
             raise DivergenceError(self._nan_message(value, f"in steps {first}..{self.global_step}"))
         self.log_step_metrics({"train/loss": value})
@@ -284,8 +294,10 @@ class LitGPT(FastSetattr, L.LightningModule):
         One pass gives both the clipping and `train/grad_norm` (before clipping, logged on
         logging steps), so no second pass over the gradients. Under FSDP the norm has to be
         taken over every rank's shards: FSDP's own `clip_grad_norm_` does that (Lightning's
-        default clipping supports only clipping by value there). Clipping by value, or with a
-        gradient scaler (16-mixed), goes through Lightning's own path.
+        default clipping supports only clipping by value there), also under 16-mixed:
+        Lightning's FSDP precision plugin refuses norm clipping, but it has unscaled the
+        gradients by the time this hook runs. Clipping by value, or with a gradient scaler
+        without FSDP, goes through Lightning's own path (which unscales, then clips).
         """
         if (
             not gradient_clip_val
@@ -312,22 +324,29 @@ class LitGPT(FastSetattr, L.LightningModule):
         trainer = self.trainer
         if not trainer.gradient_clip_val or trainer.gradient_clip_algorithm == "value":
             return False
+        if _is_fsdp(trainer.strategy.model):
+            return True  # the root FSDP module (Lightning wraps the whole LightningModule)
         if _grad_scaler(trainer) is not None:
             return False  # (Lightning unscales, then clips)
-        # FSDP: only through the root FSDP module (Lightning wraps the whole LightningModule)
-        return _is_fsdp(trainer.strategy.model) or "FSDP" not in type(trainer.strategy).__name__
+        return "FSDP" not in type(trainer.strategy).__name__
 
     def _lr_lambda(self, step: int) -> float:
         cfg = self.optim_cfg
         if cfg.max_time_s and self._t_train_start is not None and step >= cfg.warmup_steps:
             # With a time budget the run ends when time is up, not at max_steps: decay by
             # whichever is further along, elapsed time or steps, so the LR has decayed by the end.
-            elapsed = time.monotonic() - self._t_train_start
+            # The time is rank 0's, agreed at each logging window: every rank's own clock would
+            # give each DDP replica its own LR, and the replicas would drift apart.
+            elapsed = self._elapsed_s
             step = max(step, int(cfg.max_steps * min(1.0, elapsed / cfg.max_time_s)))
         return lr_factor(step, cfg)
 
+    def setup(self, stage: str) -> None:
+        refuse_skip_with_ranks(self.nan_policy, self.trainer.world_size)
+
     def on_train_start(self) -> None:
         self._t_train_start = time.monotonic()
+        self._elapsed_s = 0.0
         self._world = None
         self._loss_sum, self._loss_count = None, 0
         self._loss_logged_at = self.global_step  # (restored by now when resuming)
@@ -335,9 +354,11 @@ class LitGPT(FastSetattr, L.LightningModule):
 
     # -- checkpoint extras -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        loss_sum = self._loss_sum
-        if self.nan_policy == "stop" and loss_sum is not None and not torch.isfinite(loss_sum):
-            self._flush_train_loss()  # raises: never checkpoint weights trained on NaN
+        if self.nan_policy == "stop" and self._loss_sum is not None:
+            # (every rank saves, so every rank takes part; the window's figure is agreed)
+            value, _ = agree_window(self._loss_sum, self._loss_count, self._t_train_start)
+            if not math.isfinite(value):
+                self._flush_train_loss()  # raises: never checkpoint weights trained on NaN
         checkpoint["tinyllm"] = {
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,

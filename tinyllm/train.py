@@ -32,17 +32,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
-from tinyllm.launch import clear_launch_env, externally_launched, launch_workers
+from tinyllm.hardware import CPU_BF16_MIN_WIDTH, resolve_precision  # noqa: F401 (re-exported)
+from tinyllm.launch import (
+    clear_launch_env,
+    externally_launched,
+    is_global_zero,
+    launch_workers,
+    register_resolvers,
+)
 from tinyllm.module import selection_metric
+from tinyllm.parallel import build_strategy, refuse_skip_with_ranks
 from tinyllm.progress import Budget
 
-# Peak dense bf16 FLOP/s of common GPUs, for MFU (override with perf.peak_tflops).
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
-
-# On CPUs with bf16 matrix units, bf16 autocast wins once the matrices are large enough for
-# the matmul speed-up to outweigh the casts; below this width fp32 is faster. Measured with
-# benchmarks/precision.py on the development machine (see benchmarks/README.md).
-CPU_BF16_MIN_WIDTH = 512
+register_resolvers()  # ${run_stamp:...}: one run directory per job under torchrun/srun
 
 
 def _when_finetuning(finetune_value: Any, default: Any, *, _root_: DictConfig) -> Any:
@@ -107,6 +109,7 @@ def setup(cfg: DictConfig) -> RunContext:
         )
     n_local = _check_devices(accel, cfg.trainer.devices)
     world = n_local * int(cfg.trainer.num_nodes)
+    refuse_skip_with_ranks(str(cfg.nan_policy), world)  # (before any worker starts)
     FastSetattr.enabled = bool(cfg.perf.fast_setattr)
     max_steps = int(cfg.trainer.max_steps)
     if cfg.budget.max_tokens:
@@ -218,6 +221,7 @@ def build_module(cfg: DictConfig, data: Any, ctx: RunContext) -> Any:
         ctx.resume_step = _check_resume(Path(cfg.ckpt_path), lit.model.config.to_dict())
     if cfg.init_from:
         _load_weights(lit, cfg.init_from)
+    lit.model.activation_checkpointing = bool(cfg.trainer.get("activation_checkpointing"))
     if cfg.compile:
         lit.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
     return lit
@@ -249,6 +253,7 @@ class Fit:
 def build_trainer(cfg: DictConfig, data: Any, lit: Any, ctx: RunContext) -> Fit:
     """Lightning's Trainer with tinyllm's callbacks, the configured loggers, the DDP workers."""
     precision = resolve_precision(cfg.trainer.precision, ctx.accelerator, lit.model.config.n_embd)
+    _precision_notes(precision, ctx.accelerator)
     monitor = selection_metric(lit.hparams.data_meta)
     _print(_header(lit, ctx, precision, monitor))
     extra = {
@@ -272,7 +277,7 @@ def build_trainer(cfg: DictConfig, data: Any, lit: Any, ctx: RunContext) -> Fit:
     workers = _start_workers(cfg, ctx) if ctx.n_local > 1 and not externally_launched() else None
     trainer = L.Trainer(**_trainer_kwargs(cfg, ctx, precision, callbacks, loggers))
     if loggers and ctx.rank_zero:
-        hp = _flat_hparams(cfg, lit.hparams.model_config, lit.model.num_params())
+        hp = _flat_hparams(cfg, lit.hparams.model_config, lit.n_params)
         loggers[0].log_hyperparams(hp, {"hp/val_bpb": float("nan")})
     return Fit(trainer, metrics, workers, monitor)
 
@@ -343,7 +348,7 @@ def _interrupted(trainer, lit, metrics) -> None:
 def _header(lit: Any, ctx: RunContext, precision: str, monitor: str) -> str:
     mc = lit.hparams.model_config
     return (
-        f"tinyllm: {lit.model.num_params() / 1e6:.2f}M parameters | {mc['n_layer']} layers x "
+        f"tinyllm: {lit.n_params / 1e6:.2f}M parameters | {mc['n_layer']} layers x "
         f"{mc['n_embd']} wide, {mc['norm']}/{mc['activation']}/{mc['pos']} | vocab "
         f"{mc['vocab_size']} | {ctx.accelerator} x{ctx.world} | {precision} | "
         f"{ctx.budget.describe(ctx.resume_step)} | best.ckpt by {monitor} | run dir {ctx.run_dir}"
@@ -398,11 +403,29 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
     return cbs, metrics
 
 
+def _precision_notes(precision: str, accel: str) -> None:
+    """Warn about bf16-true (no fp32 master weights) and let fp32 matmuls use TF32 on GPUs."""
+    from tinyllm.hardware import enable_tf32, precision_warning
+
+    warning = precision_warning(precision)
+    if warning and _is_rank_zero():
+        print(f"tinyllm: warning: {warning}", file=sys.stderr, flush=True)
+    enable_tf32(accel)
+
+
 def _peak_flops(cfg: DictConfig, accel: str) -> float | None:
+    """Peak FLOP/s for MFU: perf.peak_tflops, else the GPU's exact entry in the table."""
+    from tinyllm.hardware import peak_tflops
+
     peak = cfg.perf.peak_tflops
     if peak is None and accel == "gpu":
         name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+        peak = peak_tflops(name)
+        if peak is None:
+            _print(
+                f"tinyllm: MFU unknown: GPU {name!r} is not in tinyllm/hardware.py's peak "
+                "table; set perf.peak_tflops=<dense bf16 TFLOP/s from its data sheet>."
+            )
     return float(peak) * 1e12 if peak else None
 
 
@@ -410,10 +433,9 @@ def _trainer_kwargs(cfg: DictConfig, ctx: RunContext, precision: str, callbacks,
     from tinyllm.callbacks import AtomicCheckpointIO
     from tinyllm.perf import NoOpProfiler
 
-    strategy = cfg.trainer.strategy
-    if ctx.world > 1 and strategy == "auto":
-        strategy = "ddp"
+    strategy = build_strategy(cfg.trainer.strategy, ctx.world)  # DDP/FSDP objects, tuned
     tkw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    tkw.pop("activation_checkpointing", None)  # (ours: applied to the model in build_module)
     tkw.update(
         accelerator=ctx.accelerator,
         strategy=strategy,
@@ -454,8 +476,7 @@ def _start_workers(cfg: DictConfig, ctx: RunContext) -> Any:
     workers = launch_workers(ctx.n_local, "tinyllm.train", args, cwd=os.getcwd())
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.n_local))
 
-    def on_failure(rank: int, rc: int) -> None:
-        msg = f"DDP worker rank {rank} exited with code {rc}; stopping the run."
+    def on_failure(msg: str) -> None:  # (the other workers are ended by now)
         print(f"tinyllm: {msg}", file=sys.stderr, flush=True)
         _write_failed(msg)
         os._exit(1)
@@ -542,29 +563,12 @@ def _remove_leftovers(run_dir: Path, ckpt_path: Any) -> None:
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    return is_global_zero()  # (RANK / SLURM_PROCID, not only LOCAL_RANK: multi-node jobs)
 
 
 def _print(*args: Any) -> None:
     if _is_rank_zero():
         print(*args, flush=True)
-
-
-def resolve_precision(precision: Any, accelerator: str, n_embd: int) -> str:
-    """`auto` -> the fastest precision for this device and model width (documented rule)."""
-    if str(precision) != "auto":
-        return str(precision)
-    if accelerator == "gpu":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if n_embd >= CPU_BF16_MIN_WIDTH and _cpu_has_bf16() else "32-true"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
 
 
 def _accelerator(cfg_accel: str) -> str:

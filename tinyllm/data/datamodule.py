@@ -352,6 +352,10 @@ class TokenBinDataModule(L.LightningDataModule):
             else:
                 # Under SLURM/torchrun every rank starts at once: wait for rank zero's prepare.
                 _wait_for(out / "meta.json")
+                from tinyllm.launch import folder_lock
+
+                with folder_lock(out, "preparing"):  # (returns once no prepare holds the folder)
+                    pass
         return cls(
             out,
             block_size=settings.block_size,

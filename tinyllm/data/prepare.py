@@ -541,9 +541,24 @@ def prepare_data(
     """Tokenize a corpus into out_dir/{tokenizer.json, train.bin, val.bin, meta.json}.
 
     Reuses out_dir when its meta.json has the same content hash (source bytes + settings);
-    `force=True` redoes it. Returns out_dir.
+    `force=True` redoes it. Returns out_dir. Concurrent calls on one folder (several jobs or
+    nodes) take turns on a lock file beside it (.<name>.lock): the later ones reuse the folder.
     """
-    out_dir = Path(out_dir)
+    from tinyllm.launch import folder_lock
+
+    with folder_lock(out_dir, "preparing"):
+        return _prepare_unlocked(data_cfg, tokenizer_cfg, Path(out_dir), force, num_workers)
+
+
+def _prepare_unlocked(
+    data_cfg: Mapping[str, Any],
+    tokenizer_cfg: Mapping[str, Any],
+    out_dir: Path,
+    force: bool,
+    num_workers: int | None,
+) -> Path:
+    # (under the folder's lock: the temporaries found now are a killed prepare's, never a
+    # concurrent prepare's live ones)
     for p in remove_stale_temporaries(out_dir):
         print(f"removed {p.name}, left by a prepare that was killed", file=sys.stderr)
     source = get_source(data_cfg)

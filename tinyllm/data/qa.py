@@ -511,8 +511,10 @@ class ExactMatchCallback(L.Callback):
     """Logs `val/exact_match` (greedy answers to held-out questions) after each validation.
 
     Records are split across DDP ranks and the hit counts summed, so every rank runs its
-    share. Not for FSDP/model-parallel strategies (ranks would run different numbers of
-    forwards). `pl_module.<model_attr>` must be the GPT (taking idx, with `config`).
+    share. Skipped under FSDP, with one line saying so (each rank holds only shards of the
+    weights, and ranks would run different numbers of forwards). A compiled model decodes
+    eagerly (each new length would recompile the training graph). `pl_module.<model_attr>`
+    must be the GPT (taking idx, with `config`).
     """
 
     def __init__(
@@ -530,13 +532,23 @@ class ExactMatchCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.model_attr = model_attr
         self.last: float | None = None
+        self._said_fsdp = False
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.records:
             return
+        from tinyllm.parallel import eager, is_fsdp
+
+        if is_fsdp(trainer):
+            if not self._said_fsdp and trainer.is_global_zero:
+                print("tinyllm: val/exact_match is skipped under FSDP (sharded weights); "
+                      "score a checkpoint with generate instead.", flush=True)  # fmt: skip
+            self._said_fsdp = True
+            return
         mine = self.records[trainer.global_rank :: trainer.world_size]
         model = getattr(pl_module, self.model_attr)
-        score = exact_match(model, self.tokenizer, mine, self.template, self.max_new_tokens)
+        with eager(model):
+            score = exact_match(model, self.tokenizer, mine, self.template, self.max_new_tokens)
         hits = 0.0 if not mine else score * len(mine)
         t = torch.tensor([hits, float(len(mine))], device=pl_module.device)
         t = trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tinyllm.model.attention import CausalSelfAttention, KVCache
 from tinyllm.model.config import ModelConfig
@@ -86,6 +87,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+        # A training choice, not part of the architecture (so not in config or checkpoints):
+        # recompute each Block's activations in backward instead of storing them
+        # (trainer.activation_checkpointing; about one layer's activations kept, +1 forward).
+        self.activation_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -121,8 +126,10 @@ class GPT(nn.Module):
         mask = self._attn_mask(start, T, x)
 
         attns = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x, attn = block(x, rope, mask, kv_cache, return_attn)
+            args = (x, rope, mask, kv_cache, return_attn)
+            x, attn = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             if return_attn:
                 attns.append(attn)
         if kv_cache is not None:

@@ -1,0 +1,100 @@
+"""What the hardware can do: the precision `auto` picks, the peak FLOP/s behind MFU, TF32.
+
+Each answer here is either measured from the device or looked up exactly; a guess would be
+worse than none. An MFU computed against the wrong GPU's peak is off by 3x and looks
+plausible, so an unknown GPU gets no MFU (and says so) instead of a near match by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Peak dense (no sparsity) bf16 tensor-core TFLOP/s, keyed by the exact name
+# torch.cuda.get_device_name() reports. Sources: NVIDIA's data sheets. Names are matched
+# exactly: "NVIDIA L40S" must never pick up "NVIDIA L4"'s figure. Missing GPUs: set
+# perf.peak_tflops=<value from the data sheet>.
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "NVIDIA B200": 2250.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L40": 181.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0,
+    "NVIDIA RTX A6000": 155.0,
+}
+
+# On CPUs with bf16 matrix units, bf16 autocast wins once the matrices are large enough for
+# the matmul speed-up to outweigh the casts; below this width fp32 is faster. Measured with
+# benchmarks/precision.py on the development machine (see benchmarks/README.md).
+CPU_BF16_MIN_WIDTH = 512
+
+BF16_TRUE_WARNING = (
+    "trainer.precision=bf16-true keeps the weights themselves in bf16, with no fp32 master "
+    "copy: an update smaller than about 1/256 of a weight rounds away (a weight at 1.0 stays "
+    "1.0 through 100 AdamW steps of lr 1e-3, where fp32 reaches 0.90), so training stalls or "
+    "drifts. Train with bf16-mixed; bf16-true suits evaluation, or memory-bound fine-tuning "
+    "where you have checked the loss still falls."
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The GPU's dense bf16 peak in TFLOP/s, or None when the exact name is not in the table."""
+    return PEAK_BF16_TFLOPS.get(device_name.strip())
+
+
+def gpu_has_bf16() -> bool:
+    """Whether the current GPU has bf16 units (emulated bf16 does not count).
+
+    torch.cuda.is_bf16_supported() counts emulation by default, so a GPU without bf16 units
+    (a V100, a T4) says True and would get the slow emulated path.
+    """
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch without the argument: it did not count emulation then
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(precision: object, accelerator: str, n_embd: int) -> str:
+    """`auto` -> the fastest precision for this device and model width (documented rule)."""
+    if str(precision) != "auto":
+        return str(precision)
+    if accelerator == "gpu":
+        return "bf16-mixed" if gpu_has_bf16() else "16-mixed"
+    return "bf16-mixed" if n_embd >= CPU_BF16_MIN_WIDTH and cpu_has_bf16() else "32-true"
+
+
+def precision_warning(precision: str) -> str | None:
+    """A warning for a precision that trains worse than its name suggests, else None."""
+    return BF16_TRUE_WARNING if precision in ("bf16-true", "bf16") else None
+
+
+def enable_tf32(accelerator: str) -> bool:
+    """Let fp32 matmuls use TF32 tensor cores on CUDA (a 10-bit mantissa; returns True if set).
+
+    Only fp32 paths change (32-true, and the fp32 parts of mixed precision): on Ampere and
+    newer GPUs they run several times faster, at the precision mixed-precision training
+    accepts anyway. CPUs are left alone (no TF32 there).
+    """
+    if accelerator != "gpu" or not torch.cuda.is_available():
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
