@@ -387,3 +387,36 @@ def test_the_combined_state_keeps_each_parameter_in_its_own_optimizer() -> None:
     assert len(opt.state) == len(list(lit.model.parameters()))
     assert len(muon.state) == len(muon.param_groups[0]["params"])
     opt.state_dict()  # every state entry belongs to a parameter of its own optimizer
+
+
+# ------------------------------------------------------------------- the study's figures
+def test_time_to_reach_interpolates_the_crossing() -> None:
+    from tinyllm.analysis.stats import time_to_reach
+
+    times, values = [10.0, 20.0, 30.0, 40.0], [3.0, 2.6, 2.2, 2.0]
+    assert time_to_reach(times, values, 2.4) == pytest.approx(25.0)  # between 2.6 and 2.2
+    assert time_to_reach(times, values, 3.5) == 10.0  # already there at the first validation
+    assert time_to_reach(times, values, 2.2) == pytest.approx(30.0)
+    assert time_to_reach(times, values, 1.9) is None  # never reached
+    assert time_to_reach([1.0, 2.0], [float("nan"), 1.0], 1.5) == 2.0
+
+
+def test_report_pools_seeds_and_compares_by_optim(tmp_path) -> None:
+    from test_report import metrics_for, write_job, write_multirun
+
+    from tinyllm.analysis import load_sweep, summarize
+    from tinyllm.analysis.stats import welch_p_value
+
+    finals = {"adamw": [2.50, 2.52, 2.49], "muon": [2.40, 2.43, 2.41]}
+    root = tmp_path / "mr"
+    write_multirun(root, ["seed=0,1,2", "optim=adamw,muon"])
+    num = 0
+    for seed in range(3):  # seed-major, as experiments/optimizers.yaml runs
+        for optim in ("adamw", "muon"):
+            write_job(root, num, [f"seed={seed}", f"optim={optim}"],
+                      metrics_for(finals[optim][seed]))  # fmt: skip
+            num += 1
+    rows = summarize(load_sweep(root), "val/bpb", baseline="optim=adamw")
+    assert [r.label for r in rows] == ["optim=adamw", "optim=muon"]
+    assert rows[1].mean == pytest.approx(sum(finals["muon"]) / 3)
+    assert rows[1].p_value == pytest.approx(welch_p_value(finals["muon"], finals["adamw"]))
