@@ -420,3 +420,30 @@ def test_report_pools_seeds_and_compares_by_optim(tmp_path) -> None:
     assert [r.label for r in rows] == ["optim=adamw", "optim=muon"]
     assert rows[1].mean == pytest.approx(sum(finals["muon"]) / 3)
     assert rows[1].p_value == pytest.approx(welch_p_value(finals["muon"], finals["adamw"]))
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_the_study_gives_each_optimizer_its_own_lr_grid() -> None:
+    grid = yaml.safe_load((REPO / "experiments" / "optimizers.yaml").read_text())["lr_grid"]
+    for name in ("adamw", "muon"):
+        for level in ("lo", "mid", "hi"):
+            cfg = _compose(["experiment=optimizers", f"optim={name}", f"lr_level={level}"])
+            assert cfg["optim"]["name"] == name
+            assert cfg["optim"]["lr"] == grid[name][level]
+            OptimConfig.from_dict({**cfg["optim"], "max_steps": 10})
+    cfg = _compose([])  # and without an experiment: AdamW as before the registry
+    assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["lr"] == 1e-3
+
+
+def test_the_shakespeare_record_uses_muon_and_rope() -> None:
+    cfg = _compose(["experiment=shakespeare_cpu"])
+    assert cfg["optim"]["name"] == "muon" and cfg["model"]["pos"] == "rope"
+    assert cfg["budget"]["max_time_s"] == 50  # the quick default stays short
