@@ -16,7 +16,7 @@ wrapper touches it: FSDP (use_orig_params) hands the optimizer flat 1-D shards, 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -27,8 +27,6 @@ from tinyllm.errors import TinyLLMError
 # Names a wrapper inserts into parameter names (FSDP, activation checkpointing, compile).
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _EMBEDDINGS = ("transformer.wte.weight", "pos.wpe.weight")
-_MUON_ONLY = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_eps", "adjust_lr_fn",
-              "adam_lr", "adam_weight_decay")  # fmt: skip
 
 
 @dataclass
@@ -93,14 +91,6 @@ class OptimConfig:
                 f"and optim.warmup_steps ({self.warmup_steps}) non-negative."
             )
         spec.check(self)
-
-    def settings(self) -> dict[str, Any]:
-        """The options that matter for this optimizer (for metrics.json and hparams)."""
-        d = asdict(self)
-        if self.name != "muon":
-            for k in _MUON_ONLY:
-                d.pop(k)
-        return d
 
 
 # -- the parameter split ---------------------------------------------------------------------
