@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -133,13 +134,18 @@ def main() -> None:
     result: dict = {"benchmark": "shakespeare_quality_per_cpu_minute",
                     "threads": torch.get_num_threads()}  # fmt: skip
     if args.budget_s is None:
+        load0 = os.getloadavg()[0]
         result["nanogpt_recipe"] = nanogpt_recipe(text, args.iters)
+        # a shared machine's load (1-minute average) at the start and end of each side
+        result["nanogpt_recipe"]["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
         budget = result["nanogpt_recipe"]["train_time_s"]
     else:
         budget = args.budget_s
     result["budget_s"] = budget
     with tempfile.TemporaryDirectory() as tmp:
+        load0 = os.getloadavg()[0]
         result["tinyllm"] = tinyllm_run(args.data_path, budget, Path(tmp), args.overrides)
+        result["tinyllm"]["load_avg"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
     if "nanogpt_recipe" in result:
         result["bpb_ratio_tinyllm_over_nanogpt"] = round(
             result["tinyllm"]["val_bpb"] / result["nanogpt_recipe"]["val_bpb"], 4

@@ -8,10 +8,9 @@ rebuilds the module (and `tinyllm.load_checkpoint` the bare GPT) without the con
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -24,45 +23,9 @@ from tinyllm.data.protocol import split_bytes
 from tinyllm.errors import TinyLLMError
 from tinyllm.io import strip_compile_prefix
 from tinyllm.model import GPT, ModelConfig
+from tinyllm.optim import OptimConfig, build_optimizer, check_strategy, param_roles
 from tinyllm.parallel import agree_window, refuse_skip_with_ranks
 from tinyllm.perf import FastSetattr
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float | None = None  # None -> lr / 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    decay_embeddings: bool = False
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
-    max_steps: int = 1000  # the horizon of the schedule (the trainer's max_steps)
-    max_time_s: float | None = None  # a wall-clock budget: the schedule follows elapsed time
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> OptimConfig:
-        d = dict(d or {})
-        names = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise TinyLLMError(
-                f"Unknown optim option(s) {unknown}; valid: {sorted(names)}. Fix `optim.*`."
-            )
-        cfg = cls(**d)
-        if cfg.schedule not in ("cosine", "wsd", "constant"):
-            raise TinyLLMError(
-                f"optim.schedule={cfg.schedule!r} is not a schedule; use cosine, wsd or constant."
-            )
-        if cfg.lr <= 0 or cfg.max_steps <= 0 or cfg.warmup_steps < 0:
-            raise TinyLLMError(
-                f"optim.lr ({cfg.lr}) and optim.max_steps ({cfg.max_steps}) must be positive "
-                f"and optim.warmup_steps ({cfg.warmup_steps}) non-negative."
-            )
-        return cfg
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
@@ -118,6 +81,9 @@ class LitGPT(FastSetattr, L.LightningModule):
         self.n_params = self.model.num_params()
         self.flops_per_token = self.model.flops_per_token()
         self.optim_cfg = OptimConfig.from_dict(optim)
+        # Optimizer groups are planned here, on the plain model: FSDP later hands
+        # configure_optimizers flat 1-D shards whose shapes no longer tell a matrix apart.
+        self.param_roles = param_roles(self.model)
         self.nan_policy = nan_policy
         # bits per byte = nats per token / ln 2 * tokens per byte (of the validation split)
         self.tokens_per_byte = _tokens_per_byte(data_meta)
@@ -266,20 +232,14 @@ class LitGPT(FastSetattr, L.LightningModule):
 
     # -- optimizer ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        groups = self.model.param_groups(cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
-        # The fused AdamW kernel (CUDA, and CPU since torch 2.4) updates every parameter in one
-        # pass; on the micro model it takes 0.7 ms a step on CPU where the multi-tensor
-        # (foreach) path takes 2.5 ms. Older builds fall back to foreach.
-        # Under 16-mixed (fp16 with a gradient scaler) the fused kernel unscales inside its
-        # step, after gradient clipping would have run on scaled gradients: foreach there.
-        kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        opt = None
-        if _grad_scaler(self._trainer) is None:
-            with contextlib.suppress(RuntimeError, ValueError, TypeError):  # (no fused kernel)
-                opt = torch.optim.AdamW(groups, fused=True, **kw)
-        if opt is None:
-            opt = torch.optim.AdamW(groups, foreach=True, **kw)
+        """The optimizer named by `optim.name` (tinyllm/optim.py) and the LR schedule."""
+        trainer = self._trainer
+        strategy = getattr(trainer, "strategy", None)
+        check_strategy(self.optim_cfg, "" if strategy is None else type(strategy).__name__)
+        # fused AdamW only without a gradient scaler (16-mixed): see tinyllm/optim.py
+        fused_ok = _grad_scaler(trainer) is None
+        named = self.model.named_parameters()  # (flat shards under FSDP: mapped by name)
+        opt = build_optimizer(named, self.param_roles, self.optim_cfg, fused_ok)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -713,6 +713,8 @@ def _flat_hparams(cfg: DictConfig, model_cfg: dict, n_params: int) -> dict[str, 
         data=str(cfg.data.name), seed=int(cfg.seed), batch_size=int(cfg.batch_size),
         params=n_params,
     )  # fmt: skip
+    # (TensorBoard's hparams take scalars and strings only: e.g. optim.ns_coefficients)
+    hp = {k: str(v) if isinstance(v, list | tuple) else v for k, v in hp.items()}
     return {k: ("none" if v is None else v) for k, v in hp.items()}
 
 

@@ -277,3 +277,19 @@ def fit_power_law(params: Sequence[float], losses: Sequence[float]) -> PowerLawF
         return loglog
     # undo the rescaling: a * (N / n0)^-alpha == (a * n0^alpha) * N^-alpha
     return PowerLawFit(float(a * n0**alpha), float(alpha), float(c), "curve_fit", len(n))
+
+
+def time_to_reach(times: Sequence[float], values: Sequence[float], target: float) -> float | None:
+    """Seconds until a validation curve first reaches `target` (values falling), linearly
+    interpolated between the two validations around the crossing; None if it never does."""
+    prev: tuple[float, float] | None = None
+    for t, v in zip(times, values, strict=True):
+        if not math.isfinite(v):
+            continue
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(t)
+            t0, v0 = prev
+            return float(t0 + (t - t0) * (v0 - target) / (v0 - v))
+        prev = (t, v)
+    return None
