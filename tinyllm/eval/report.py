@@ -1,0 +1,98 @@
+"""The evaluation's output: a rich table on stdout and, with out=, one JSON with everything."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    text = result.get("text")
+    if text:
+        t = Table(
+            title=f"text={text['spec']}  ({text['windows']} windows, prefix {text['prefix']})"
+        )
+        for col in ("file", "tokens", "bytes", "bits/byte", "nats/token", "perplexity"):
+            t.add_column(col, justify="left" if col == "file" else "right")
+        rows = text["files"] + ([text["total"]] if len(text["files"]) > 1 else [])
+        for r in rows:
+            name = r["name"] + (" (invalid UTF-8 replaced)" if r.get("bad_utf8") else "")
+            t.add_row(
+                name,
+                str(r["tokens"]),
+                str(r["bytes"]),
+                _f(r["bpb"]),
+                _f(r["nats_per_token"]),
+                _f(r["perplexity"], 2),
+            )
+        console.print(t)
+    tasks = result.get("tasks")
+    if tasks:
+        t = Table(title="multiple choice (95% bootstrap intervals)")
+        for col in ("task", "items", "acc", "acc 95% CI", "acc_norm", "acc_norm 95% CI", "chance"):
+            t.add_column(col, justify="left" if col == "task" else "right")
+        for name, m in tasks.items():
+            ci, cin = m["acc_ci95"], m["acc_norm_ci95"]
+            t.add_row(
+                name,
+                str(m["items"]),
+                _f(m["acc"]),
+                f"[{_f(ci[0], 3)}, {_f(ci[1], 3)}]",
+                _f(m["acc_norm"]),
+                f"[{_f(cin[0], 3)}, {_f(cin[1], 3)}]",
+                _f(m["chance"]),
+            )
+        console.print(t)
+    harness = result.get("harness")
+    if harness:
+        t = Table(title="lm-evaluation-harness (model: tinyllm)")
+        for col in ("task", "metric", "value"):
+            t.add_column(col)
+        for task, metrics in harness.get("results", {}).items():
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    t.add_row(task, k, _f(float(v)))
+        console.print(t)
+
+
+def _plain(x: Any) -> Any:
+    """JSON-safe: NaN/inf become null (strict JSON has no NaN), tuples become lists."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(result: dict[str, Any], out: str | Path) -> Path:
+    """Written to a temporary name beside `out`, then renamed: never half a file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_plain(result), f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
