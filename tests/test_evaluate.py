@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from train_utils import TINY, read_metrics, train_in_process
 
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.errors import TinyLLMError
@@ -307,3 +308,133 @@ def test_cli_exit_2_for_foreign_checkpoint_and_bad_task(tmp_path) -> None:
         assert r.returncode == 2, r.stderr
         assert needle in r.stderr and "Traceback" not in r.stderr
         assert not out.exists()
+
+
+# ----------------------------------------------------------------- reproduces val/bpb
+
+
+def test_non_overlapping_windows_reproduce_the_runs_val_bpb(tmp_path) -> None:
+    """Score the validation text of a prepared corpus with stride=block_size: the figure is
+    the run's val/bpb. Not to the last digit: validation skips the split's first token and
+    its tail (< block_size tokens), which text scoring counts (the first after EOS)."""
+    from pydoc_data.topics import topics
+
+    from tinyllm.data.prepare import read_meta
+    from tinyllm.evaluate import run
+
+    corpus = tmp_path / "corpus.txt"  # one document: val.bin is exactly the val text's tokens
+    corpus.write_text("\n\n".join(topics[k][:3000] for k in sorted(topics)[:40]))
+    run_dir, data_root = tmp_path / "run", tmp_path / "data"
+    overrides = [*TINY, "data=text", f"data.path={corpus}", f"data_root={data_root}"]
+    train_in_process([*overrides, "loader.val_windows=null", "logger=none"], run_dir)
+    m = read_metrics(run_dir)
+    (folder,) = [p for p in data_root.iterdir() if p.is_dir()]
+    meta = read_meta(folder)
+    ids = np.fromfile(folder / "val.bin", dtype=meta["dtype"])
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    tok = BPETokenizer.from_dict(
+        torch.load(ckpt, weights_only=False)["hyper_parameters"]["tokenizer"]
+    )
+    val_text = tmp_path / "val.txt"
+    val_text.write_bytes(tok.decode_bytes(ids))
+    assert len(val_text.read_bytes()) == meta["splits"]["val"]["bytes"]
+    block = torch.load(ckpt, weights_only=False)["hyper_parameters"]["model_config"]["block_size"]
+    res = run(compose_eval([f"ckpt={ckpt}", f"text={val_text}", f"stride={block}"]))
+    row = res["text"]["total"]
+    assert row["tokens"] == len(ids) and row["bytes"] == meta["splits"]["val"]["bytes"]
+    assert row["bpb"] == pytest.approx(m["val/bpb"], rel=1e-3)
+    assert row["nats_per_token"] == pytest.approx(m["val/loss"], rel=1e-3)
+
+
+# ---------------------------------------------------------------- download, generator
+
+
+@pytest.fixture
+def hellaswag_server():
+    import http.server
+    import threading
+
+    rows = [
+        {
+            "ind": i,
+            "ctx": f"A person number {i} is",
+            "endings": [" a", " b", " c", " d"],
+            "label": i % 4,
+        }
+        for i in range(5)
+    ]
+    payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/hellaswag_val.jsonl", payload
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_hellaswag_download_is_checksummed(hellaswag_server, tmp_path, monkeypatch) -> None:
+    import hashlib
+
+    from tinyllm.eval import tasks
+
+    url, payload = hellaswag_server
+    monkeypatch.setenv("TINYLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(tasks.HELLASWAG, "url", url)
+    monkeypatch.setitem(tasks.HELLASWAG, "sha256", hashlib.sha256(payload).hexdigest())
+    task = tasks.load_task("hellaswag")
+    assert task.name == "hellaswag" and len(task.items) == 5
+    assert task.items[2].label == 2 and task.items[2].choices[0] == "  a"
+    assert task.sha256 == hashlib.sha256(payload).hexdigest()
+    assert (tmp_path / "cache" / "tasks" / "hellaswag_val.jsonl").is_file()
+    (tmp_path / "cache" / "tasks" / "hellaswag_val.jsonl").write_text("tampered\n")
+    with pytest.raises(TinyLLMError, match="sha256"):
+        tasks.load_task("hellaswag")
+    monkeypatch.setitem(tasks.HELLASWAG, "sha256", "0" * 64)
+    with pytest.raises(TinyLLMError, match="expected 0000"):
+        tasks.load_task("hellaswag")
+
+
+def test_nextpassage_generator_command(tmp_path) -> None:
+    from tinyllm.eval.nextpassage import make_items
+
+    src = tmp_path / "src.txt"
+    src.write_text(" ".join(f"word{i}" for i in range(3000)), encoding="utf-8")
+    out = tmp_path / "np.jsonl"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyllm.eval.nextpassage",
+            f"text={src}",
+            f"out={out}",
+            "items=20",
+            "choices=3",
+            "context_chars=100",
+            "continuation_chars=50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    items = read_jsonl(out)
+    assert len(items) == 20 and all(len(it.choices) == 3 for it in items)
+    for it in items:  # the true continuation follows the context in the source text
+        assert (it.context + it.choices[it.label]) in src.read_text()
+        assert len(set(it.choices)) == 3
+    again = make_items(src.read_text(), 20, 3, 100, 50, seed=0)
+    assert [(i.context, i.choices, i.label) for i in again] == [
+        (i.context, i.choices, i.label) for i in items
+    ]
+    with pytest.raises(TinyLLMError, match="too few"):
+        make_items("just a few words", 5, 4, 100, 50)

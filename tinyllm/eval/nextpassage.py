@@ -115,7 +115,7 @@ def run(cfg: Any) -> Path:
     text = "".join(_pieces(path))
     items = make_items(
         text,
-        int(cfg.items),
+        int(cfg["items"]),
         int(cfg.choices),
         int(cfg.context_chars),
         int(cfg.continuation_chars),
