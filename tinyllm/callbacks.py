@@ -156,6 +156,9 @@ class MetricsFile(L.Callback):
             v = exact.get(k, trainer.callback_metrics.get(k))
             if v is not None:
                 out[k] = float(v)
+        out.update(  # the figures of eval.tasks / eval.text (tinyllm/eval/callback.py)
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
+        )
         return out
 
     @rank_zero_only

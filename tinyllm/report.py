@@ -81,6 +81,11 @@ def table_rows(sweep: Sweep, rows: list[ConfigSummary], metric: str) -> tuple[li
     health = [health_cells(r) for r in rows]
     shown = [i for i in range(len(HEALTH_COLUMNS)) if any(h[i] for h in health)]
     header += [HEALTH_COLUMNS[i][0] for i in shown]
+    from tinyllm.eval.report import eval_columns  # eval/* figures beside the metric
+
+    eval_header, eval_cells = eval_columns(rows)
+    at = header.index("n")
+    header[at:at] = eval_header
     out = []
     for r, h in zip(rows, health):
         value = "—"
@@ -97,6 +102,7 @@ def table_rows(sweep: Sweep, rows: list[ConfigSummary], metric: str) -> tuple[li
                 *cells,
                 _fmt_params(r.params),
                 value,
+                *eval_cells[len(out)],
                 str(r.n),
                 delta,
                 "—" if r.is_baseline else _fmt_p(r.p_value),

@@ -360,6 +360,7 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from tinyllm.callbacks import MetricsFile, TextSampler, ThroughputMonitor
+    from tinyllm.eval.callback import eval_callbacks
     from tinyllm.progress import BudgetProgressBar, PlainProgress
     from tinyllm.stopping import LastCheckpoint
 
@@ -399,6 +400,7 @@ def _callbacks(cfg: DictConfig, ctx: RunContext, data: Any, monitor: str, extra:
         from tinyllm.health import HealthMonitor
 
         cbs.append(HealthMonitor(OmegaConf.to_container(cfg.health, resolve=True)))
+    cbs += eval_callbacks(cfg.get("eval"), data.tokenizer)  # eval.tasks / eval.text; off: []
     cbs += [_instantiate(node, f"callbacks.{name}") for name, node in _targets(cfg.callbacks)]
     return cbs, metrics
 

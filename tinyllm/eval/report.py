@@ -96,3 +96,28 @@ def write_json(result: dict[str, Any], out: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def eval_columns(rows: list[Any]) -> tuple[list[str], list[list[str]]]:
+    """The eval/* figures of a sweep's runs as report columns: (header, cells per row).
+
+    One column per eval/* key found in any run's metrics.json, the mean ± std over the
+    completed seeds of each configuration (as the val/bpb column)."""
+    import statistics
+
+    keys = sorted(
+        {k for r in rows for run in r.runs for k in run.metrics if str(k).startswith("eval/")}
+    )
+    cells = []
+    for r in rows:
+        line = []
+        for k in keys:
+            vals = [v for run in r.runs if (v := run.final(k)) is not None]
+            if not vals:
+                line.append("—")
+            elif len(vals) == 1:
+                line.append(f"{vals[0]:.4f} ± n/a")
+            else:
+                line.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
+        cells.append(line)
+    return [f"{k} (mean ± std)" for k in keys], cells
