@@ -438,3 +438,13 @@ def test_nextpassage_generator_command(tmp_path) -> None:
     ]
     with pytest.raises(TinyLLMError, match="too few"):
         make_items("just a few words", 5, 4, 100, 50)
+
+
+def test_missing_text_and_overlong_choice(tok, ckpt, tmp_path) -> None:
+    from tinyllm.evaluate import run
+
+    with pytest.raises(TinyLLMError, match="does not exist"):
+        run(compose_eval([f"ckpt={ckpt}", f"text={tmp_path / 'nope.txt'}"]))
+    scorer = Scorer(tiny_model(tok.vocab_size), tok)
+    with pytest.raises(TinyLLMError, match="longer than the model's context"):
+        scorer.loglikelihood([([1], list(range(17)))])

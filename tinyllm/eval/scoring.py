@@ -98,6 +98,11 @@ class Scorer:
                     f"request {i}: the context and the continuation must each be at least one "
                     "token (an empty choice string scores nothing). Fix the task item."
                 )
+            if len(cont) > self.block_size:
+                raise TinyLLMError(
+                    f"request {i}: the continuation is {len(cont)} tokens, longer than the "
+                    f"model's context ({self.block_size}); it cannot be scored. Shorten it."
+                )
             groups.setdefault(tuple(ctx), []).append(i)
         rows: list[int] = []  # requests that go through the plain (one row each) path
         for ctx, idx in groups.items():

@@ -61,6 +61,11 @@ def text_files(spec: str) -> list[Path]:
         if not files:
             raise TinyLLMError(f"text={spec} is an empty folder. Point text= at text files.")
         return files
+    if not p.exists() and not any(c in spec for c in "*?["):
+        raise TinyLLMError(
+            f"text={spec} does not exist (looked for a file, a folder or a glob). Fix the path "
+            "(relative to the directory you run from)."
+        )
     return resolve_text_paths(spec, extensions=("",))
 
 
