@@ -74,8 +74,13 @@ def test_model_class_requests(llama_ckpt) -> None:
 
     from tinyllm.eval.harness import TinyLLMLM
 
-    _, model, tok = llama_ckpt
+    path, model, tok = llama_ckpt
     lm = TinyLLMLM(model=model, tokenizer=tok, batch_size=3)
+    # how lm_eval.simple_evaluate(model="tinyllm", model_args="ckpt=...") builds it
+    made = TinyLLMLM.create_from_arg_string(
+        f"ckpt={path}", {"batch_size": None, "max_batch_size": None, "device": None}
+    )
+    assert made.max_length == 32 and made.scorer.batch_size == 16
 
     def inst(kind, args):
         return Instance(request_type=kind, doc={}, arguments=args, idx=0)

@@ -52,8 +52,8 @@ class TinyLLMLM(TemplateLM):
         ckpt: str | None = None,
         model: Any = None,
         tokenizer: Any = None,
-        batch_size: int | str = 16,
-        device: str = "auto",
+        batch_size: int | str | None = 16,
+        device: str | None = "auto",
         dtype: str = "fp32",
         **kwargs: Any,
     ) -> None:
@@ -61,9 +61,11 @@ class TinyLLMLM(TemplateLM):
         if model is None:
             from tinyllm.evaluate import load
 
-            model, tokenizer, _ = load(ckpt, device, dtype)
+            model, tokenizer, _ = load(ckpt, device or "auto", dtype)
         elif tokenizer is None:
             raise TinyLLMError("TinyLLMLM(model=...) needs tokenizer= too.")
+        if batch_size in (None, "auto"):  # simple_evaluate passes None when not given
+            batch_size = 16
         self.scorer = Scorer(model, tokenizer, batch_size=int(batch_size))
         self.model, self.tokenizer = model, tokenizer
         self._device = self.scorer.device
