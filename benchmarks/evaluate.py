@@ -20,8 +20,10 @@ One run, one thread, the same requests and weights on both sides, printed as JSO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +92,8 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / "m.ckpt", model, tok)
-        export(str(Path(tmp) / "m.ckpt"), str(Path(tmp) / "hf"))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone
+            export(str(Path(tmp) / "m.ckpt"), str(Path(tmp) / "hf"))
         hf = HFLM(
             pretrained=str(Path(tmp) / "hf"),
             dtype="float32",
