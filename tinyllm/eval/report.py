@@ -17,15 +17,16 @@ def _f(x: Any, digits: int = 4) -> str:
 
 
 def print_tables(result: dict[str, Any]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # piped or captured output: a wide console, not rich's 80 columns that wrap every cell
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     text = result.get("text")
     if text:
-        t = Table(
-            title=f"text={text['spec']}  ({text['windows']} windows, prefix {text['prefix']})"
-        )
+        t = Table(title=f"text={text['spec']}  (windows: {text['windows']}; {text['prefix']})")
         for col in ("file", "tokens", "bytes", "bits/byte", "nats/token", "perplexity"):
             t.add_column(col, justify="left" if col == "file" else "right")
         rows = text["files"] + ([text["total"]] if len(text["files"]) > 1 else [])

@@ -150,6 +150,13 @@ def score_file(scorer: Scorer, path: Path, stride: int, name: str | None = None)
     return score
 
 
+def _prefix_note(scorer: Scorer) -> str:
+    tok = scorer.tokenizer
+    if scorer.prefix_id is None:
+        return "no BOS/EOS: each file's first token unscored"
+    return f"each file follows {'BOS' if tok.bos_id is not None else 'EOS'}"
+
+
 def score_text(
     scorer: Scorer, spec: str, stride: int | None = None, bad_files: str = "replace"
 ) -> dict[str, Any]:
@@ -182,8 +189,8 @@ def score_text(
         "spec": spec,
         "stride": stride,
         "block_size": T,
-        "windows": "non-overlapping" if stride == T else f"sliding (stride {stride} of {T})",
-        "prefix": "bos/eos" if scorer.prefix_id is not None else "none (first token unscored)",
+        "windows": "non-overlapping" if stride == T else f"sliding, stride {stride} of {T}",
+        "prefix": _prefix_note(scorer),
         "files": rows,
         "total": total.figures(),
     }
