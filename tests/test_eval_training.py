@@ -56,7 +56,7 @@ def check_against_evaluate(run_dir: Path, held_out: Path) -> dict:
     assert [h["step"] for h in m["history"]] == [15, 30]
     for h in m["history"]:
         assert {"eval/agreement/acc", "eval/agreement/acc_norm", "eval/held_out/bpb"} <= set(h)
-    res = evaluate(run_dir / "checkpoints" / "last.ckpt", held_out)  # saved at step 30
+    res = evaluate(run_dir, held_out)  # ckpt=RUN_DIR: its last.ckpt, saved at step 30
     task = res["tasks"]["agreement"]
     assert m["eval/agreement/acc"] == task["acc"]  # counts: exact
     assert m["eval/agreement/acc_norm"] == task["acc_norm"]
