@@ -99,8 +99,11 @@ class EvalCallback(L.Callback):
             metrics = self.evaluate(model, trainer)
         finally:
             model.train(was_training)
+        # The figures are already summed over ranks, the same on each: sync_dist averages
+        # equal values (a no-op) and keeps Lightning from warning under DDP. Lightning logs
+        # them as float32, as it does val/bpb.
         for k, v in metrics.items():
-            pl_module.log(k, v, sync_dist=False)
+            pl_module.log(k, v, sync_dist=True)
 
     def evaluate(self, model: torch.nn.Module, trainer: L.Trainer) -> dict[str, float]:
         """All figures, summed over ranks (rank r takes items r, r + world, ...)."""
