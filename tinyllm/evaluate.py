@@ -47,20 +47,11 @@ def _int(cfg: DictConfig, key: str, minimum: int) -> int | None:
     return value
 
 
-def load(ckpt: Any, device: str = "auto", dtype: str = "fp32") -> tuple[Any, Any, Path]:
-    """(model, tokenizer, checkpoint path) from ckpt=PATH|RUN_DIR|latest."""
-    from tinyllm.checkpoint import resolve_ckpt
-    from tinyllm.generate import load_for_generation
-
-    model, tokenizer, _ = load_for_generation(ckpt, device, dtype)
-    return model, tokenizer, resolve_ckpt(str(ckpt))
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Everything the command computes, as one plain dict (also what out= holds)."""
     from tinyllm.data.sources import sha256_file
     from tinyllm.eval.multiple_choice import score_items, summarize
-    from tinyllm.eval.scoring import Scorer
+    from tinyllm.eval.scoring import Scorer, load
     from tinyllm.eval.tasks import load_task
     from tinyllm.eval.text import score_text
 

@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "pip install -e '.[eval]' (or pip install lm-eval)."
     ) from None
 
-from tinyllm.eval.scoring import Scorer
+from tinyllm.eval.scoring import Scorer, load
 
 
 @register_model("tinyllm")
@@ -59,8 +59,6 @@ class TinyLLMLM(TemplateLM):
     ) -> None:
         super().__init__()
         if model is None:
-            from tinyllm.evaluate import load
-
             model, tokenizer, _ = load(ckpt, device or "auto", dtype)
         elif tokenizer is None:
             raise TinyLLMError("TinyLLMLM(model=...) needs tokenizer= too.")

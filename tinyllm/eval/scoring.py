@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,15 @@ import torch.nn.functional as F
 from tinyllm.errors import TinyLLMError
 
 Pair = tuple[list[int], list[int]]
+
+
+def load(ckpt: Any, device: str = "auto", dtype: str = "fp32") -> tuple[Any, Any, Path]:
+    """(model in eval mode, tokenizer, checkpoint file) from ckpt=PATH|RUN_DIR|latest."""
+    from tinyllm.checkpoint import resolve_ckpt
+    from tinyllm.generate import load_for_generation
+
+    model, tokenizer, _ = load_for_generation(ckpt, device, dtype)
+    return model, tokenizer, resolve_ckpt(str(ckpt))
 
 
 @dataclass
