@@ -26,7 +26,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.eval.multiple_choice import score_items
 from tinyllm.eval.scoring import Scorer
 from tinyllm.eval.tasks import Task, load_task
-from tinyllm.eval.text import _check_head, _pieces, text_files
+from tinyllm.eval.text import _check_head, score_file, text_files
 
 
 def eval_callbacks(cfg: Any, tokenizer: Any) -> list[L.Callback]:
@@ -137,18 +137,6 @@ class EvalCallback(L.Callback):
         """(nll of this rank's windows, their scored tokens); every rank counts the bytes."""
         T = scorer.block_size
         stride = int(self.stride) if self.stride else max(1, T // 2)
-        nll, tokens, nbytes, index = 0.0, 0, 0, 0
-        for f in self.files:
-            pieces = list(_pieces(f))
-            nbytes += sum(len(p.encode("utf-8")) for p in pieces)
-            prefix = [scorer.prefix_id] if scorer.prefix_id is not None else []
-            ids = prefix + [t for p in pieces for t in self.tokenizer.encode(p)]
-            mine = []
-            for w in scorer.windows(ids, stride):
-                if index % world == rank:
-                    mine.append(w)
-                    tokens += w.n_scored
-                index += 1
-            nll -= sum(scorer.score_windows(mine))
-        self._bytes = nbytes
-        return nll, float(tokens)
+        rows = [score_file(scorer, f, stride, rank=rank, world=world) for f in self.files]
+        self._bytes = sum(r.bytes for r in rows)
+        return sum(r.nll for r in rows), float(sum(r.tokens for r in rows))

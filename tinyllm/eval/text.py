@@ -121,8 +121,16 @@ def _pieces(path: Path) -> Iterator[str]:
         yield piece
 
 
-def score_file(scorer: Scorer, path: Path, stride: int, name: str | None = None) -> TextScore:
-    """Stream one file through the sliding windows; returns its sums."""
+def score_file(
+    scorer: Scorer,
+    path: Path,
+    stride: int,
+    name: str | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> TextScore:
+    """Stream one file through the sliding windows; returns its sums. With world > 1 only
+    windows rank, rank + world, ... are scored (their nll and tokens); bytes count the file."""
     score = TextScore(name or str(path))
     prefix = scorer.prefix_id
     first_bytes = 0
@@ -139,7 +147,9 @@ def score_file(scorer: Scorer, path: Path, stride: int, name: str | None = None)
             yield from ids
 
     pending = []
-    for w in scorer.windows(tokens(), stride):
+    for i, w in enumerate(scorer.windows(tokens(), stride)):
+        if i % world != rank:
+            continue
         pending.append(w)
         score.tokens += w.n_scored
         if len(pending) == scorer.batch_size:
