@@ -214,7 +214,11 @@ def compose_eval(overrides: list[str]):
 
 
 def test_command_writes_json_with_everything(ckpt, tok, tmp_path, capsys) -> None:
-    from tinyllm.data.sources import sha256_file
+    import hashlib
+
+    def sha256_file(p: Path) -> str:  # recomputed independently
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
     from tinyllm.evaluate import run
 
     task = REPO / "examples" / "tasks" / "agreement.jsonl"

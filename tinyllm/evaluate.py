@@ -49,11 +49,11 @@ def _int(cfg: DictConfig, key: str, minimum: int) -> int | None:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Everything the command computes, as one plain dict (also what out= holds)."""
-    from tinyllm.data.sources import sha256_file
     from tinyllm.eval.multiple_choice import score_items, summarize
     from tinyllm.eval.scoring import Scorer, load
     from tinyllm.eval.tasks import load_task
     from tinyllm.eval.text import score_text
+    from tinyllm.io import sha256_file
 
     text, tasks, harness = cfg.get("text"), _list(cfg, "tasks"), _list(cfg, "harness_tasks")
     if not (text or tasks or harness):

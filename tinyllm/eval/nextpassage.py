@@ -13,10 +13,8 @@ did NOT train on this text (e.g. its held-out validation split), or it measures 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import regex
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
 from tinyllm.eval.tasks import Item
+from tinyllm.io import write_text_atomic
 
 _WORD = regex.compile(r"\s*\S+")
 
@@ -88,19 +87,11 @@ def make_items(
 
 def write_items(items: list[Item], out: str | Path) -> Path:
     """JSONL in the native format, written to a temporary name and renamed."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for it in items:
-                row = {"id": it.id, "context": it.context, "choices": it.choices}
-                f.write(json.dumps({**row, "label": it.label}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    rows = [
+        {"id": it.id, "context": it.context, "choices": it.choices, "label": it.label}
+        for it in items
+    ]
+    return write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def run(cfg: Any) -> Path:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +82,9 @@ def _plain(x: Any) -> Any:
 
 def write_json(result: dict[str, Any], out: str | Path) -> Path:
     """Written to a temporary name beside `out`, then renamed: never half a file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_plain(result), f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    from tinyllm.io import write_json_atomic
+
+    return write_json_atomic(out, _plain(result))
 
 
 def eval_columns(rows: list[Any]) -> tuple[list[str], list[list[str]]]:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinyllm.data.sources import cache_dir, download, sha256_file
+from tinyllm.data.sources import cache_dir, download
 from tinyllm.errors import TinyLLMError
+from tinyllm.io import sha256_file
 
 HELLASWAG = {
     "url": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
