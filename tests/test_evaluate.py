@@ -470,3 +470,14 @@ def test_missing_text_and_overlong_choice(tok, ckpt, tmp_path) -> None:
     scorer = Scorer(tiny_model(tok.vocab_size), tok)
     with pytest.raises(TinyLLMError, match="longer than the model's context"):
         scorer.loglikelihood([([1], list(range(17)))])
+
+
+def test_config_typo_is_one_paragraph_exit_2(ckpt) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "tinyllm.evaluate", f"ckpt={ckpt}", "strid=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "strid" in r.stderr and "stride" in r.stderr  # the closest valid key is named

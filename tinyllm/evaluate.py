@@ -129,4 +129,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tinyllm.cli import hydra_entry
+
+    hydra_entry(main, "evaluate")  # a config typo: one paragraph and exit 2, like bad input

@@ -120,12 +120,14 @@ def run(cfg: Any) -> Path:
 def main() -> None:
     import hydra
 
+    from tinyllm.cli import hydra_entry
+
     @hydra.main(config_path="../../conf", config_name="nextpassage", version_base="1.3")
     def _main(cfg: Any) -> None:
         with exit_on_user_error():
             run(cfg)
 
-    _main()
+    hydra_entry(_main, "nextpassage")  # a config typo: one paragraph and exit 2
 
 
 if __name__ == "__main__":
