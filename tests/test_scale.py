@@ -131,7 +131,9 @@ def test_killed_ddp_worker_stops_the_run_with_a_clear_message(tmp_path):
         deadline = time.monotonic() + 240
         workers: list[int] = []
         while not workers and time.monotonic() < deadline and rank0.poll() is None:
-            workers = _children(rank0.pid)
+            # the DDP worker runs the saved job config (prepare's encoding processes, forked
+            # from rank 0, carry rank 0's command line and come and go)
+            workers = _children(rank0.pid, marker=b"ddp_job")
             time.sleep(0.5)
         assert workers, "rank 0 never started its worker"
         time.sleep(3)  # (let it reach the process group; a kill at any point must end the run)

@@ -100,6 +100,23 @@ class WorkerGroup:
 
         threading.Thread(target=loop, daemon=True, name="tinyllm-worker-watch").start()
 
+    def dead_worker(self, wait_s: float = 2.0) -> str | None:
+        """The watcher's message for a worker that exited with an error, else None.
+
+        Rank 0's own collective fails the moment a dead peer's socket closes, which can be
+        before the watcher's next poll (or before the peer's exit status is in): so a failure
+        on rank 0 first asks here, waiting up to `wait_s`, and reports the cause, not gloo's
+        "Connection reset by peer"."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, p in enumerate(self.procs, start=self.first_rank):
+                rc = p.poll()
+                if rc not in (None, 0):
+                    return f"DDP worker rank {rank} {describe_exit(rc)}; stopping"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
     def wait(self, timeout: float = 120.0) -> list[int | None]:
         self._stop.set()
         deadline = time.time() + timeout

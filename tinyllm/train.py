@@ -299,7 +299,12 @@ def fit(cfg: DictConfig, job: Fit, lit: Any, data: Any) -> None:
             job.workers.wait()
     except BaseException as e:
         if job.workers is not None:
+            dead = job.workers.dead_worker() if not isinstance(e, KeyboardInterrupt) else None
             job.workers.kill()
+            if dead:  # a peer died: its absence is why this process failed (not gloo's words)
+                print(f"tinyllm: {dead}", file=sys.stderr, flush=True)
+                _write_failed(dead)
+                os._exit(1)
         if _RANK_ZERO:
             with contextlib.suppress(OSError):  # (a full disk: the error raised says so)
                 job.metrics.write(trainer, lit, "failed", error=f"{type(e).__name__}: {e}")
