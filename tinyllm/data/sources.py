@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -484,7 +484,7 @@ class ScanResult:
         }
 
 
-def _is_binary(head: bytes) -> bool:
+def is_binary(head: bytes) -> bool:
     # NUL never occurs in text files; it is the classic (git, grep) binary sniff.
     return b"\x00" in head
 
@@ -568,7 +568,7 @@ def scan(source: Source, bad_files: str = "replace") -> ScanResult:
             res.empty.append(where)
             res.skipped.add(unit.name)
             continue
-        if _is_binary(head):
+        if is_binary(head):
             if bad_files == "error":
                 raise TinyLLMError(
                     f"{where} looks binary (it contains NUL bytes), not text. Remove it from "
@@ -600,16 +600,17 @@ def scan(source: Source, bad_files: str = "replace") -> ScanResult:
     return res
 
 
-def _read_unit(unit: Unit) -> tuple[int, Any, bool, bytes]:
-    """(bytes, sha256 object, valid UTF-8?, first 8 KB) of one unit, in one streaming pass."""
-    uh = hashlib.sha256()
+def scan_bytes(blocks: Iterable[bytes], sha256: Any = None) -> tuple[int, bool, bytes]:
+    """(bytes, valid UTF-8?, first 8 KB) of a byte stream in one pass, feeding `sha256` (a
+    hashlib object) too when given. Shared by prepare's scan and the evaluator's text check."""
     dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
     n, valid, head = 0, True, b""
-    for block in unit.blocks():
+    for block in blocks:
         if n == 0:
             head = block[:8192]
         n += len(block)
-        uh.update(block)
+        if sha256 is not None:
+            sha256.update(block)
         if valid:
             try:
                 dec.decode(block)
@@ -620,6 +621,13 @@ def _read_unit(unit: Unit) -> tuple[int, Any, bool, bytes]:
             dec.decode(b"", final=True)
         except UnicodeDecodeError:
             valid = False
+    return n, valid, head
+
+
+def _read_unit(unit: Unit) -> tuple[int, Any, bool, bytes]:
+    """(bytes, sha256 object, valid UTF-8?, first 8 KB) of one unit, in one streaming pass."""
+    uh = hashlib.sha256()
+    n, valid, head = scan_bytes(unit.blocks(), uh)
     return n, uh, valid, head
 
 

@@ -23,7 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tinyllm.data.sources import READ_BYTES, _split_stream, resolve_text_paths
+from tinyllm.data.sources import (
+    READ_BYTES,
+    _split_stream,
+    is_binary,
+    resolve_text_paths,
+    scan_bytes,
+)
 from tinyllm.errors import TinyLLMError
 from tinyllm.eval.scoring import Scorer
 
@@ -71,28 +77,16 @@ def text_files(spec: str) -> list[Path]:
 
 def _check_head(path: Path, policy: str) -> bool:
     """Empty/binary -> error; returns whether the file is valid UTF-8 (one streaming pass)."""
-    dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    n, valid = 0, True
     try:
         with open(path, "rb") as f:
-            while block := f.read(READ_BYTES):
-                if n == 0 and b"\x00" in block[:8192]:
-                    raise TinyLLMError(
-                        f"text file {path} looks binary (it contains NUL bytes), not text. "
-                        "Remove it from text=, or point text= at the text files only."
-                    )
-                n += len(block)
-                if valid:
-                    try:
-                        dec.decode(block)
-                    except UnicodeDecodeError:
-                        valid = False
-            if valid:
-                dec.decode(b"", final=True)
-    except UnicodeDecodeError:
-        valid = False
+            n, valid, head = scan_bytes(iter(lambda: f.read(READ_BYTES), b""))
     except OSError as e:
         raise TinyLLMError(f"Cannot read text file {path} ({e.strerror}).") from None
+    if is_binary(head):
+        raise TinyLLMError(
+            f"text file {path} looks binary (it contains NUL bytes), not text. "
+            "Remove it from text=, or point text= at the text files only."
+        )
     if n == 0 or (n <= 3 and path.read_bytes() == codecs.BOM_UTF8[:n]):
         raise TinyLLMError(f"text file {path} is empty. Remove it from text= or give it text.")
     if not valid and policy == "error":
