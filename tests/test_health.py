@@ -175,9 +175,12 @@ class _Spy(health.HealthMonitor):
         super()._log(trainer, metrics, step)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize(
+    "accum, clip",
+    [(1, "1.0"), (2, "1.0"), (1, "null")],  # null: the norm is not the clipping pass's
+)
 def test_logged_layer_figures_equal_recomputation(
-    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accum: int
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accum: int, clip: str
 ) -> None:
     spies: list[_Spy] = []
 
@@ -186,7 +189,12 @@ def test_logged_layer_figures_equal_recomputation(
         return spies[-1]
 
     monkeypatch.setattr(health, "HealthMonitor", make)
-    ov = _overrides(corpus, "health.every_n_steps=5", f"trainer.accumulate_grad_batches={accum}")
+    ov = _overrides(
+        corpus,
+        "health.every_n_steps=5",
+        f"trainer.accumulate_grad_batches={accum}",
+        f"trainer.gradient_clip_val={clip}",
+    )
     train_in_process(ov, tmp_path / "run")
     spy = spies[0]
     steps = sorted(s for s, m in spy.logged if "health/update_ratio/embed" in m)

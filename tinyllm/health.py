@@ -225,6 +225,7 @@ class HealthMonitor(L.Callback):
         self._groups: list[str] = []
         self._step_loss: torch.Tensor | None = None  # this step's loss, summed over micro-batches
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # warn: (step, loss, gn)
+        self._awaiting_norm: tuple[int, torch.Tensor] | None = None  # (step, loss) until clipped
         self._snapshot: list[torch.Tensor] | None = None
         self._snap_step = -1
         self._stats: dict[str, float] = {}
@@ -285,19 +286,31 @@ class HealthMonitor(L.Callback):
             self._snap_step = step
         grads = [p.grad for p in self._params if p.grad is not None]
         if self.cfg.spikes and grads and self._step_loss is not None:
-            gn = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
-            if self.cfg.on_spike == "skip":
-                loss = trainer.strategy.reduce(self._step_loss, reduce_op="mean")
-                spike = self._check(step, float(loss), float(gn), pl_module)
-                if spike:
-                    self._drop_update(trainer, optimizer, step)
+            if (
+                self.cfg.on_spike == "warn"
+                and step not in self.cfg.skip_steps
+                and (_norm_from_clipping(pl_module))
+            ):
+                # LitGPT's clipping pass measures this step's pre-clip norm anyway: read it
+                # at batch end instead of a second pass over the gradients on the hot path
+                self._awaiting_norm = (step, self._step_loss)
             else:
-                self._pending.append((step, self._step_loss, gn))
+                gn = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
+                if self.cfg.on_spike == "skip":
+                    loss = trainer.strategy.reduce(self._step_loss, reduce_op="mean")
+                    if self._check(step, float(loss), float(gn), pl_module):
+                        self._drop_update(trainer, optimizer, step)
+                else:
+                    self._pending.append((step, self._step_loss, gn))
         if step in self.cfg.skip_steps:
             self._drop_update(trainer, optimizer, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # steps done
+        if self._awaiting_norm is not None and step > self._awaiting_norm[0]:
+            s, loss = self._awaiting_norm
+            self._pending.append((s, loss, pl_module.last_grad_norm.detach()))
+            self._awaiting_norm = None
         if self._snapshot is not None and step > self._snap_step:
             self._finish_health_step(trainer, pl_module)
         every = max(1, int(trainer.log_every_n_steps or 1))
@@ -430,6 +443,12 @@ class HealthMonitor(L.Callback):
         self.spikes = list(state.get("spikes", []))
         self.skipped = list(state.get("skipped", []))
         self.max_grad_norm = state.get("max_grad_norm")
+
+
+def _norm_from_clipping(pl_module: Any) -> bool:
+    """Whether LitGPT's clipping pass measures the global pre-clip gradient norm this step."""
+    fn = getattr(pl_module, "grad_norm_from_clipping", None)
+    return fn is not None and bool(fn())
 
 
 def _batch_layout(trainer: L.Trainer) -> dict[str, Any] | None:

@@ -56,7 +56,15 @@ class DivergenceError(RuntimeError):
 class LitGPT(FastSetattr, L.LightningModule):
     # set every step or every hook: plain attributes, never parameters or modules (perf.py)
     _plain_attrs = frozenset(
-        {"_current_fx_name", "tokens_seen", "_loss_sum", "_loss_count", "_loss_logged_at", "_world"}
+        {
+            "_current_fx_name",
+            "tokens_seen",
+            "_loss_sum",
+            "_loss_count",
+            "_loss_logged_at",
+            "_world",
+            "last_grad_norm",
+        }
     )  # (step_metrics is a dict updated in place)
 
     def __init__(
@@ -275,6 +283,7 @@ class LitGPT(FastSetattr, L.LightningModule):
         else:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        self.last_grad_norm = norm  # (a device tensor: the health callback reads it, no sync)
         step = trainer.global_step  # the step about to finish (0-based)
         if (step + 1) % max(1, int(trainer.log_every_n_steps or 1)) == 0:
             self.log_step_metrics({"train/grad_norm": float(norm)}, step=step)
