@@ -260,7 +260,7 @@ def test_nano_model_overfits_one_batch() -> None:
         (dict(n_head=4, n_kv_head=3), ["n_kv_head=3"]),
         (dict(n_embd=12, n_head=4, pos="rope"), ["rope", "odd"]),
         (dict(norm="batchnorm"), ["batchnorm", "layernorm, rmsnorm"]),
-        (dict(activation="tanh"), ["tanh", "geglu, gelu, relu, silu, swiglu"]),
+        (dict(activation="tanh"), ["tanh", "geglu, gelu, relu, relu2, silu, swiglu"]),
         (dict(pos="xpos"), ["xpos", "alibi, learned, none, rope, sinusoidal"]),
         (dict(attn_impl="flash"), ["attn_impl", "sdpa"]),
         (dict(dropout=1.0), ["dropout"]),
@@ -329,3 +329,34 @@ def test_sinusoidal_positions_enter_at_the_token_embeddings_scale():
     pe = GPT(cfg).pos.pe  # (block_size, n_embd)
     rms = pe.pow(2).mean().sqrt().item()
     assert abs(rms - cfg.init_std) < 0.1 * cfg.init_std, rms
+
+
+def test_relu2_mlp_is_relu_squared():
+    """activation=relu2 computes W2 relu(W1 x)^2, recomputed here from the weights."""
+    mlp = build(activation="relu2").transformer.h[0].mlp
+    x = torch.randn(2, 5, mlp.c_fc.in_features)
+    want = F.linear(F.relu(F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias)) ** 2,
+                    mlp.c_proj.weight, mlp.c_proj.bias)  # fmt: skip
+    torch.testing.assert_close(mlp(x), want)
+    assert mlp.hidden == 4 * mlp.c_fc.in_features  # ungated: no 2/3 rule
+
+
+def test_zero_init_proj_makes_every_block_the_identity_and_still_trains():
+    model = build(zero_init_proj=True)
+    projs = [p for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
+    assert len(projs) == 2 * model.config.n_layer
+    assert all(bool((p == 0).all()) for p in projs)
+    other = [p for n, p in model.named_parameters() if n.endswith("c_fc.weight")]
+    assert all(p.std() > 0 for p in other)  # only the output projections are zeroed
+    # blocks are the identity (biases start at zero too): logits = head(ln_f(embeddings + pos))
+    idx = torch.randint(0, model.config.vocab_size, (2, 8))
+    x = model.transformer.wte(idx)
+    if model.config.pos == "learned":
+        x = x + model.pos.wpe(torch.arange(8))
+    torch.testing.assert_close(model(idx), model.lm_head(model.transformer.ln_f(x)))
+    # the zeros receive gradient, so they leave zero after one step
+    loss = F.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projs)
+    default = build()
+    assert all(p.std() > 0 for n, p in default.named_parameters() if n.endswith("c_proj.weight"))

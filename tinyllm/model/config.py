@@ -38,7 +38,7 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     post_norm: bool = False  # True: the original post-norm transformer (for ablations)
-    activation: str = "gelu"  # gelu | relu | silu | swiglu | geglu
+    activation: str = "gelu"  # gelu | relu | relu2 | silu | swiglu | geglu
     mlp_hidden: int | None = None  # None -> 4*n_embd, or 2/3 of that (rounded) for gated MLPs
     mlp_multiple_of: int = 16  # round the hidden size of gated MLPs up to this multiple
     pos: str = "learned"  # learned | sinusoidal | rope | alibi | none
@@ -51,6 +51,7 @@ class ModelConfig:
     bias: bool = True
     tie_weights: bool = True
     init_std: float = 0.02
+    zero_init_proj: bool = False  # start every residual-branch output projection at zero
     z_loss: float = 0.0  # weight of the z-loss (log^2 of the softmax normaliser); 0 = off
     logit_softcap: float | None = None  # tanh soft-capping of the logits; None = off
 

@@ -84,9 +84,16 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2: scale the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth (2 adds/layer).
+        # zero_init_proj (modded-nanogpt): start them at zero instead, so every block begins as
+        # the identity and the stream is the embedding alone; their gradients are not zero
+        # (the branch's input is not), so they move from the first step.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    std = config.init_std / math.sqrt(2 * config.n_layer)
+                    nn.init.normal_(p, mean=0.0, std=std)
         # A training choice, not part of the architecture (so not in config or checkpoints):
         # recompute each Block's activations in backward instead of storing them
         # (trainer.activation_checkpointing; about one layer's activations kept, +1 forward).

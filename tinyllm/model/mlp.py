@@ -74,6 +74,17 @@ class ReluMLP(MLP):
     act = staticmethod(F.relu)
 
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (So et al., 2021, "Primer"; modded-nanogpt's MLP)."""
+    return F.relu(x).square()
+
+
+class Relu2MLP(MLP):
+    """ReLU squared: sparse like ReLU, smooth at zero like GELU, no exp/erf to compute."""
+
+    act = staticmethod(relu_squared)
+
+
 class SiluMLP(MLP):
     """SiLU (a.k.a. swish): x * sigmoid(x)."""
 
@@ -98,6 +109,7 @@ class GeGLU(MLP):
 ACTIVATIONS: dict[str, type[MLP]] = {
     "gelu": GeluMLP,
     "relu": ReluMLP,
+    "relu2": Relu2MLP,
     "silu": SiluMLP,
     "swiglu": SwiGLU,
     "geglu": GeGLU,
