@@ -481,3 +481,17 @@ def test_config_typo_is_one_paragraph_exit_2(ckpt) -> None:
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "strid" in r.stderr and "stride" in r.stderr  # the closest valid key is named
+
+
+def test_result_json_keeps_nan_visible(tmp_path) -> None:
+    """A NaN figure (a diverged checkpoint's bits per byte) is written as "NaN", as in
+    metrics.json, never as null (which reads as "not measured") or a bare NaN (invalid JSON)."""
+    from tinyllm.eval.report import write_json
+
+    out = write_json({"text": {"bpb": float("nan"), "loss": float("inf"), "n": 3}},
+                     tmp_path / "r.json")  # fmt: skip
+    raw = out.read_text()
+    got = json.loads(raw)  # strict enough: the bare words NaN/Infinity would not be standard
+    assert "NaN" not in raw.replace('"NaN"', "") and got["text"]["n"] == 3
+    assert got["text"]["bpb"] == "NaN" and got["text"]["loss"] == "Infinity"
+    assert math.isnan(float(got["text"]["bpb"]))

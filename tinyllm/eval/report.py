@@ -68,9 +68,9 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def _plain(x: Any) -> Any:
-    """JSON-safe: NaN/inf become null (strict JSON has no NaN), tuples become lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
+    """JSON-ready: tuples become lists, paths strings. Non-finite floats stay as they are:
+    write_json_atomic writes them as "NaN"/"Infinity", like metrics.json (null would read as
+    "not measured")."""
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
