@@ -41,6 +41,7 @@ def main() -> None:
                 "n": r.n,
                 "val_mean_std": _mean_std(r.finals),
                 "finals": [round(f, 4) for f in r.finals],
+                "raw_finals": list(r.finals),
                 "steps": [run.metrics.get("step") for run in done],
                 "tokens_per_s": [run.metrics.get("train/tokens_per_s") for run in done],
                 "time_to_target_s": [None if t is None else round(t, 1) for t in reach],
@@ -55,8 +56,9 @@ def main() -> None:
     if {"adamw", "muon"} <= set(best):
         a, m = best["adamw"], best["muon"]
         out["best_adamw"], out["best_muon"] = a["config"], m["config"]
-        out["delta_muon_minus_adamw"] = round(m["val_mean_std"][0] - a["val_mean_std"][0], 4)
-        out["welch_p"] = welch_p_value(m["finals"], a["finals"])
+        delta = statistics.mean(m["raw_finals"]) - statistics.mean(a["raw_finals"])
+        out["delta_muon_minus_adamw"] = round(delta, 4)
+        out["welch_p"] = welch_p_value(m["raw_finals"], a["raw_finals"])  # unrounded
     print(json.dumps(out, indent=1))
 
 
