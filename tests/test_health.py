@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import TINY, read_metrics, train_cli, train_in_process, write_corpus
+from train_utils import (
+    TINY,
+    read_metrics,
+    train_in_process,
+    train_one_and_two_processes,
+    write_corpus,
+)
 
 import tinyllm.health as health
 from tinyllm.errors import TinyLLMError
@@ -363,14 +369,8 @@ def test_ddp_health_figures_and_skips_match_one_process(corpus: Path, tmp_path: 
     """2 gloo ranks x batch 4 == 1 process x batch 8: the gradients are all-reduced, so rank 0's
     per-layer figures are the global ones, and a dropped step is dropped on every rank."""
     common = [*_overrides(corpus, "health.every_n_steps=5", "health.skip_steps=[7]"), "logger=none"]
-    one = train_cli([*common, "batch_size=8", f"hydra.run.dir={tmp_path}/one"], cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = train_cli(
-        [*common, "batch_size=4", "trainer.devices=2", f"hydra.run.dir={tmp_path}/two"],
-        cwd=tmp_path,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    h1, h2 = (read_metrics(tmp_path / r)["health"] for r in ("one", "two"))
+    m1, m2 = train_one_and_two_processes(common, tmp_path)
+    h1, h2 = m1["health"], m2["health"]
     assert h1["skipped_steps"] == h2["skipped_steps"] == [7]
     assert h2["batches"]["world_size"] == 2 and h1["batches"]["world_size"] == 1
     assert h1["last"]["step"] == h2["last"]["step"] == 10

@@ -341,18 +341,11 @@ def test_muon_with_compile(corpus, data_root, tmp_path):
 def test_muon_ddp_two_processes_match_one(corpus, data_root, tmp_path):
     """2 CPU processes x batch 4 (gloo) == 1 process x batch 8 with Muon: every rank holds
     the full averaged gradient, so every rank makes the same orthogonalised update."""
-    from train_utils import read_metrics, train_cli
+    from train_utils import train_one_and_two_processes
 
     common = [*_base(corpus, data_root), *MUON, "trainer.max_steps=20", "logger=none",
               "trainer.val_check_interval=10", "sample.max_new_tokens=0"]  # fmt: skip
-    one = train_cli([*common, "batch_size=8", f"hydra.run.dir={tmp_path}/one"], cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = train_cli(
-        [*common, "batch_size=4", "trainer.devices=2", f"hydra.run.dir={tmp_path}/two"],
-        cwd=tmp_path,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    m1, m2 = train_one_and_two_processes(common, tmp_path)
     assert m2["devices"] == 2 and m1["tokens"] == m2["tokens"]
     assert m1["config"]["optim"]["name"] == m2["config"]["optim"]["name"] == "muon"
     for h1, h2 in zip(m1["history"], m2["history"], strict=True):

@@ -6,7 +6,14 @@ import math
 
 import pytest
 import torch
-from train_utils import TINY, read_metrics, train_cli, train_in_process, write_corpus
+from train_utils import (
+    TINY,
+    read_metrics,
+    train_cli,
+    train_in_process,
+    train_one_and_two_processes,
+    write_corpus,
+)
 
 import tinyllm
 from tinyllm.errors import TinyLLMError
@@ -239,14 +246,7 @@ def test_ddp_two_processes_match_one(corpus, data_root, tmp_path):
     """2 CPU processes x batch 4 (gloo) == 1 process x batch 8: same global batch, same curve."""
     common = [*base(corpus, data_root), "trainer.max_steps=20", "trainer.val_check_interval=10",
               "sample.max_new_tokens=0", "logger=none"]  # fmt: skip
-    one = train_cli([*common, "batch_size=8", f"hydra.run.dir={tmp_path}/one"], cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = train_cli(
-        [*common, "batch_size=4", "trainer.devices=2", f"hydra.run.dir={tmp_path}/two"],
-        cwd=tmp_path,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    m1, m2 = train_one_and_two_processes(common, tmp_path)
     assert m2["devices"] == 2 and m1["tokens"] == m2["tokens"]
     # train/loss is the mean over every rank's rows (one all-reduce per window), not rank 0's
     assert math.isclose(m1["train/loss"], m2["train/loss"], rel_tol=2e-3), (m1, m2)

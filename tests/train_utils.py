@@ -76,3 +76,16 @@ def train_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comp
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def train_one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """Train `common` as 1 process x batch 8 and as 2 gloo processes x batch 4 (the same global
+    batch), in tmp_path/one and tmp_path/two; return both runs' metrics.json."""
+    one = train_cli([*common, "batch_size=8", f"hydra.run.dir={tmp_path}/one"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = train_cli(
+        [*common, "batch_size=4", "trainer.devices=2", f"hydra.run.dir={tmp_path}/two"],
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    return read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
