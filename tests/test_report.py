@@ -4,6 +4,8 @@ error paths, the plots, the TensorBoard fallback and the power-law fit."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +415,36 @@ def test_key_value_options_match_the_flags(tmp_path, capsys):
     assert (out_a / "report.md").read_text() == (out_b / "report.md").read_text()
     assert _exit_code([str(root), "scaling=maybe"]) == 2
     assert "scaling='maybe'" in capsys.readouterr().err
+
+
+def test_optimizer_study_summary_recomputes_exactly(tmp_path: Path) -> None:
+    """experiments/optimizers/summarize.py: best configuration per optimizer, the delta and the
+    Welch p of best-Muon vs best-AdamW from the unrounded finals, the time to a target."""
+    # more digits than the summary prints: the test must run on the unrounded figures
+    finals = {
+        ("adamw", "mid"): [2.273926, 2.265531, 2.280147],
+        ("adamw", "hi"): [2.3, 2.31, 2.32],
+        ("muon", "mid"): [2.215926, 2.211379, 2.223116],
+        ("muon", "hi"): [2.2203, 2.2125, 2.25],
+    }
+    write_multirun(tmp_path, ["seed=0,1,2", "lr_level=mid,hi", "optim=adamw,muon"])
+    for num, ((name, level), values) in enumerate(finals.items()):
+        for seed, final in enumerate(values):
+            overrides = [f"seed={seed}", f"lr_level={level}", f"optim={name}"]
+            m = metrics_for(final, config={"optim": {"name": name, "lr": 1e-3}})
+            write_job(tmp_path, num * 3 + seed, overrides, m)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "optimizers" / "summarize.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), "--target", "2.5"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    got = json.loads(out.stdout)
+    a, m = finals[("adamw", "mid")], finals[("muon", "mid")]
+    assert got["best_adamw"] == "lr_level=mid, optim=adamw"
+    assert got["best_muon"] == "lr_level=mid, optim=muon"
+    assert got["delta_muon_minus_adamw"] == round(sum(m) / 3 - sum(a) / 3, 4)
+    assert got["welch_p"] == pytest.approx(ttest_ind(m, a, equal_var=False).pvalue, rel=1e-6)
+    # metrics_for's curve: bpb = final + 1/(1+step) at steps 0, 50, 100 and times 0, 25, 50 s
+    row = next(r for r in got["rows"] if r["config"] == "lr_level=mid, optim=muon")
+    final = m[0]
+    v0, v1 = final + 1.0, final + 1 / 51  # 2.5 is crossed between the first two validations
+    assert row["time_to_target_s"][0] == round(25 * (v0 - 2.5) / (v0 - v1), 1)
+    assert row["finals"] == m and row["n"] == 3
