@@ -389,6 +389,7 @@ def test_health_with_compile(corpus: Path, tmp_path: Path) -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them: count only this run's graphs
     train_in_process(_overrides(corpus, "health.every_n_steps=5", "compile=true"), tmp_path / "r")
     h = read_metrics(tmp_path / "r")["health"]
     assert h["last"]["step"] == 10 and h["last"]["health/attn_entropy/block_0"] > 0
