@@ -35,3 +35,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small text corpus (train_utils.write_corpus) for real training runs, one per module;
+    a module that needs another corpus defines its own `corpus` fixture."""
+    from train_utils import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a module's runs prepare their data (shared, so it is prepared once)."""
+    return tmp_path_factory.mktemp("data")

@@ -8,17 +8,12 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from train_utils import TINY, read_metrics, train_cli, train_in_process, write_corpus
+from train_utils import TINY, read_metrics, train_cli, train_in_process
 
 from tinyllm.errors import TinyLLMError
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "examples" / "tasks" / "agreement.jsonl"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -219,22 +219,10 @@ def test_resuming_with_another_optimizer_is_refused() -> None:
 
 
 # ----------------------------------------------------------------------- real training runs
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from train_utils import write_corpus
-
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 def _base(corpus, data_root) -> list[str]:
-    from train_utils import TINY
+    from train_utils import text_run
 
-    return [*TINY, "data=text", f"data.path={corpus}", f"data_root={data_root}"]
+    return text_run(corpus, data_root)
 
 
 MUON = ["optim=muon", "optim.lr=3e-3", "optim.momentum=0.9", "optim.adam_lr=2e-3"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_utils import TINY, train_in_process, write_corpus
+from train_utils import TINY, text_run, train_in_process, write_corpus
 
 from tinyllm.checkpoint import (
     CHECKSUM_KEY,
@@ -38,14 +38,8 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"), n_docs=20)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 def base(corpus, data_root) -> list[str]:
-    return [*TINY, "data=text", f"data.path={corpus}", f"data_root={data_root}",
-            "trainer.max_steps=6", "trainer.val_check_interval=3"]  # fmt: skip
+    return [*text_run(corpus, data_root), "trainer.max_steps=6", "trainer.val_check_interval=3"]
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 from train_utils import (
     TINY,
     read_metrics,
+    text_run,
     train_cli,
     train_in_process,
     train_one_and_two_processes,
-    write_corpus,
 )
 
 import tinyllm
@@ -20,18 +20,8 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.module import LitGPT, OptimConfig, lr_factor
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 def base(corpus, data_root) -> list[str]:
-    return [*TINY, "data=text", f"data.path={corpus}", f"data_root={data_root}"]
+    return text_run(corpus, data_root)
 
 
 @pytest.fixture(scope="module")

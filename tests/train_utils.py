@@ -32,6 +32,11 @@ TINY = [
 ]
 
 
+def text_run(corpus: Path, data_root: Path) -> list[str]:
+    """TINY on a text corpus (the `corpus` fixture), prepared under `data_root`."""
+    return [*TINY, "data=text", f"data.path={corpus}", f"data_root={data_root}"]
+
+
 def write_corpus(path: Path, n_docs: int = 40) -> Path:
     """A fixed ~60 KB corpus taken from Python's bundled documentation (present everywhere)."""
     from pydoc_data.topics import topics
