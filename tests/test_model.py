@@ -360,3 +360,48 @@ def test_zero_init_proj_makes_every_block_the_identity_and_still_trains():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projs)
     default = build()
     assert all(p.std() > 0 for n, p in default.named_parameters() if n.endswith("c_proj.weight"))
+
+
+def test_cpu_bf16_attention_trains_in_fp32(monkeypatch) -> None:
+    """bf16 training on CPU runs the attention kernel in fp32 (its bf16 backward is ~8x
+    slower there), returns bf16, and matches fp32 attention over the same bf16 inputs."""
+    import tinyllm.model.attention as attention
+
+    seen: list[torch.dtype] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.dtype)
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    alibi = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)  # an additive float mask
+    for mask in (None, alibi):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attention._sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
+        assert seen == [torch.float32] and y.dtype == torch.bfloat16
+        m32 = None if mask is None else mask.float()
+        ref = real(q.float(), k.float(), v.float(), attn_mask=m32, is_causal=mask is None)
+        torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+        y.float().sum().backward()
+        assert q.grad is not None and q.grad.dtype == torch.bfloat16
+        q.grad = None
+    # the model under bf16-mixed on CPU (what Lightning's autocast does) takes that path
+    seen.clear()
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 64, (2, 16)))
+    logits.float().sum().backward()
+    assert seen == [torch.float32, torch.float32]
+    # without gradients (generation) the bf16 kernel is kept: its forward is fast
+    seen.clear()
+    with torch.no_grad():
+        assert attention._sdpa(q, k, v, is_causal=True).dtype == torch.bfloat16
+    assert seen == [torch.bfloat16]
+    # and an fp32 model is not touched
+    seen.clear()
+    attention._sdpa(q.float(), k.float(), v.float(), is_causal=True)
+    assert seen == [torch.float32]

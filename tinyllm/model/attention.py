@@ -138,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         if return_attn or self.impl == "manual":
             y, attn = self._manual(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(
+            y = _sdpa(
                 q,
                 k,
                 v,
@@ -174,3 +174,24 @@ class CausalSelfAttention(nn.Module):
         att = F.softmax(att.float(), dim=-1).type_as(q)
         y = F.dropout(att, self.dropout, self.training) @ v  # (B, H, T, Tk) @ (B, H, Tk, D)
         return y, att
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """F.scaled_dot_product_attention, with bf16 training on CPU done in fp32.
+
+    torch's CPU flash-attention *backward* runs ~8x slower in bf16 than in fp32 (torch 2.13
+    on a Xeon with AMX: 11.0 vs 1.4 ms a call at the micro model, batch 32), which cancels
+    everything bf16-mixed gains on the matrix products around it (benchmarks/README.md,
+    "bf16 on a CPU with AMX"). So when a CPU bf16 attention needs gradients, the attention
+    itself runs in fp32 (three casts of (B, H, T, D) tensors) and its output goes back to
+    bf16; the projections before and after stay in bf16. Inference keeps the bf16 kernel,
+    whose forward is as fast as fp32's.
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        kw["attn_mask"] = mask.float()
+    with torch.autocast("cpu", enabled=False):  # (autocast would cast the inputs back)
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
+    return y.to(torch.bfloat16)
