@@ -315,6 +315,33 @@ def test_auto_precision_does_not_count_emulated_bf16(monkeypatch):
     assert hardware.resolve_precision("32-true", "gpu", 768) == "32-true"
 
 
+@pytest.mark.parametrize(
+    "flags, width, expected",
+    [
+        ("fpu avx2 fma", 4096, "32-true"),  # bf16 emulated: never
+        ("fpu avx512f avx512_bf16", 256, "32-true"),  # dot products only: from 512
+        ("fpu avx512f avx512_bf16", 512, "bf16-mixed"),
+        ("fpu avx512_bf16 amx_bf16 amx_tile", 64, "32-true"),  # AMX tiles: from 128
+        ("fpu avx512_bf16 amx_bf16 amx_tile", 128, "bf16-mixed"),
+    ],
+)
+def test_auto_precision_on_cpu_follows_the_bf16_units(
+    monkeypatch, tmp_path, flags, width, expected
+):
+    """The CPU rule: AMX from width 128, avx512_bf16 alone from 512, emulated bf16 never; a
+    flag is matched as a whole word (no 'avx512_bf16' inside another flag's name)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    )
+    real_path = hardware.Path
+    monkeypatch.setattr(
+        hardware, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p)
+    )
+    assert hardware.resolve_precision("auto", "cpu", width) == expected
+    assert hardware.resolve_precision("32-true", "cpu", width) == "32-true"
+
+
 def test_bf16_true_loses_small_updates_as_the_warning_says():
     """The figures quoted in the bf16-true warning, recomputed."""
 

@@ -34,9 +34,13 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
     "NVIDIA RTX A6000": 155.0,
 }
 
-# On CPUs with bf16 matrix units, bf16 autocast wins once the matrices are large enough for
-# the matmul speed-up to outweigh the casts; below this width fp32 is faster. Measured with
-# benchmarks/precision.py on the development machine (see benchmarks/README.md).
+# On CPUs with bf16 units, bf16 autocast wins once the matrices are large enough for the
+# matmul speed-up to outweigh the casts. With AMX tiles (amx_bf16: Sapphire Rapids and later)
+# benchmarks/precision.py measured bf16 faster at every width from 64 (1.09x) and 1.34-1.42x
+# at 128 (2026-12-03, an AMX Xeon, benchmarks/README.md), so from 128. With avx512_bf16 alone
+# (Cooper Lake, Zen 4: bf16 dot-product instructions, no tiles) the gain is smaller and has
+# not been measured here: 512 stays there, an estimate, until someone runs the script on one.
+CPU_AMX_BF16_MIN_WIDTH = 128
 CPU_BF16_MIN_WIDTH = 512
 
 BF16_TRUE_WARNING = (
@@ -65,12 +69,26 @@ def gpu_has_bf16() -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
-def cpu_has_bf16() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+def cpu_bf16_units() -> str | None:
+    """'amx' (bf16 matrix tiles), 'avx512' (bf16 dot products only) or None (emulated)."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512" if "avx512_bf16" in flags else None
+
+
+def cpu_bf16_min_width() -> int | None:
+    """The width from which `auto` picks bf16-mixed on this CPU; None: never (emulated)."""
+    units = cpu_bf16_units()
+    return {"amx": CPU_AMX_BF16_MIN_WIDTH, "avx512": CPU_BF16_MIN_WIDTH}.get(units or "")
 
 
 def resolve_precision(precision: object, accelerator: str, n_embd: int) -> str:
@@ -79,7 +97,8 @@ def resolve_precision(precision: object, accelerator: str, n_embd: int) -> str:
         return str(precision)
     if accelerator == "gpu":
         return "bf16-mixed" if gpu_has_bf16() else "16-mixed"
-    return "bf16-mixed" if n_embd >= CPU_BF16_MIN_WIDTH and cpu_has_bf16() else "32-true"
+    min_width = cpu_bf16_min_width()
+    return "bf16-mixed" if min_width is not None and n_embd >= min_width else "32-true"
 
 
 def precision_warning(precision: str) -> str | None:
