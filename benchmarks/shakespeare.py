@@ -118,6 +118,7 @@ def tinyllm_run(data_path: Path, max_time_s: float, workdir: Path, extra: list[s
         "val_bpb": round(m["val/bpb"], 4),
         "tokens_per_s": round(m["train/tokens_per_s"]),
         "params": m["params"],
+        "precision": m["precision"],  # trainer.precision=auto resolved on this CPU
     }
 
 
@@ -131,8 +132,11 @@ def main() -> None:
     if not args.data_path.is_file():
         raise SystemExit(f"{args.data_path} not found: pass --data-path (Tiny Shakespeare)")
     text = args.data_path.read_text()
+    from tinyllm.hardware import cpu_bf16_units
+
     result: dict = {"benchmark": "shakespeare_quality_per_cpu_minute",
-                    "threads": torch.get_num_threads()}  # fmt: skip
+                    "threads": torch.get_num_threads(),
+                    "cpu_bf16_units": cpu_bf16_units()}  # fmt: skip
     if args.budget_s is None:
         load0 = os.getloadavg()[0]
         result["nanogpt_recipe"] = nanogpt_recipe(text, args.iters)

@@ -432,4 +432,6 @@ def test_the_shakespeare_record_uses_muon_and_rope() -> None:
     assert cfg["budget"]["max_time_s"] == 50  # the quick default stays short
     # the measured record settings (benchmarks/README.md) reach the model and the loader
     assert cfg["model"]["tie_weights"] is False and cfg["model"]["zero_init_proj"] is True
-    assert cfg["batch_size"] == 32 and cfg["optim"]["lr"] == 8e-3
+    assert cfg["batch_size"] == 16 and cfg["model"]["block_size"] == 128
+    assert cfg["optim"]["lr"] == 1.2e-2 and cfg["optim"]["min_lr"] == 1.2e-4
+    assert cfg["optim"]["weight_decay"] == 1.0 and cfg["trainer"]["precision"] == "auto"
