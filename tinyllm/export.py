@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
-from tinyllm.families import hf_family, split_qkv
+from tinyllm.families import hf_family, llama_tensors
 from tinyllm.io import atomic_write, unwrap_compiled, write_text_atomic
 from tinyllm.model import GPT
 from tinyllm.tokenizer.hf import save_hf
@@ -39,7 +39,6 @@ __all__ = ["export_hf", "hf_family", "run"]
 
 def _llama(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     c = model.config
-    sd = model.state_dict()
     hidden = model.transformer.h[0].mlp.hidden
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -63,27 +62,25 @@ def _llama(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "tie_word_embeddings": c.tie_weights,
         "initializer_range": c.init_std,
     }
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"]}
-    kinds = ("weight", "bias") if c.bias else ("weight",)
-    for i in range(c.n_layer):
-        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = sd[ours + "ln_1.weight"]
-        out[hf + "post_attention_layernorm.weight"] = sd[ours + "ln_2.weight"]
-        for kind in kinds:
-            q, k, v = split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
-            out[hf + f"self_attn.q_proj.{kind}"] = q
-            out[hf + f"self_attn.k_proj.{kind}"] = k
-            out[hf + f"self_attn.v_proj.{kind}"] = v
-            out[hf + f"self_attn.o_proj.{kind}"] = sd[ours + f"attn.c_proj.{kind}"]
-            # Our fused c_fc rows are [gate (hidden) | up (hidden)].
-            gate, up = sd[ours + f"mlp.c_fc.{kind}"].split(hidden, dim=0)
-            out[hf + f"mlp.gate_proj.{kind}"] = gate
-            out[hf + f"mlp.up_proj.{kind}"] = up
-            out[hf + f"mlp.down_proj.{kind}"] = sd[ours + f"mlp.c_proj.{kind}"]
-    out["model.norm.weight"] = sd["transformer.ln_f.weight"]
-    if not c.tie_weights:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    out = {_HF_LLAMA[r].format(i=i, kind=kind): t for r, i, kind, t in llama_tensors(model)}
     return cfg, out
+
+
+# Hugging Face's Llama names for the roles of families.llama_tensors
+_HF_LLAMA = {
+    "embed": "model.embed_tokens.{kind}",
+    "attn_norm": "model.layers.{i}.input_layernorm.{kind}",
+    "q": "model.layers.{i}.self_attn.q_proj.{kind}",
+    "k": "model.layers.{i}.self_attn.k_proj.{kind}",
+    "v": "model.layers.{i}.self_attn.v_proj.{kind}",
+    "o": "model.layers.{i}.self_attn.o_proj.{kind}",
+    "ffn_norm": "model.layers.{i}.post_attention_layernorm.{kind}",
+    "gate": "model.layers.{i}.mlp.gate_proj.{kind}",
+    "up": "model.layers.{i}.mlp.up_proj.{kind}",
+    "down": "model.layers.{i}.mlp.down_proj.{kind}",
+    "final_norm": "model.norm.{kind}",
+    "head": "lm_head.{kind}",
+}
 
 
 def _gpt2(model: GPT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

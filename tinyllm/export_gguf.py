@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.families import hf_family, split_qkv
+from tinyllm.families import hf_family, llama_tensors
 from tinyllm.io import atomic_write, unwrap_compiled
 from tinyllm.model import GPT
 
@@ -161,28 +161,30 @@ def _rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.swapaxes(1, 2).reshape(shape)  # [H, D/2, 2, ...] -> rows interleaved
 
 
+# llama.cpp's names (gguf's MODEL_TENSOR names for LLM_ARCH_LLAMA) for the roles of
+# families.llama_tensors
+_GGUF_LLAMA = {
+    "embed": "token_embd.{kind}",
+    "attn_norm": "blk.{i}.attn_norm.{kind}",
+    "q": "blk.{i}.attn_q.{kind}",
+    "k": "blk.{i}.attn_k.{kind}",
+    "v": "blk.{i}.attn_v.{kind}",
+    "o": "blk.{i}.attn_output.{kind}",
+    "ffn_norm": "blk.{i}.ffn_norm.{kind}",
+    "gate": "blk.{i}.ffn_gate.{kind}",
+    "up": "blk.{i}.ffn_up.{kind}",
+    "down": "blk.{i}.ffn_down.{kind}",
+    "final_norm": "output_norm.{kind}",
+    "head": "output.{kind}",  # tied: llama.cpp reuses token_embd as the output matrix
+}
+
+
 def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    c, sd = model.config, model.state_dict()
-    hidden = model.transformer.h[0].mlp.hidden
-    out = {"token_embd.weight": sd["transformer.wte.weight"]}
-    kinds = ("weight", "bias") if c.bias else ("weight",)
-    for i in range(c.n_layer):
-        ours, g = f"transformer.h.{i}.", f"blk.{i}."
-        out[g + "attn_norm.weight"] = sd[ours + "ln_1.weight"]
-        out[g + "ffn_norm.weight"] = sd[ours + "ln_2.weight"]
-        for kind in kinds:
-            q, k, v = split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
-            out[g + f"attn_q.{kind}"] = _rope_permute(q, c.n_head)
-            out[g + f"attn_k.{kind}"] = _rope_permute(k, c.kv_heads)
-            out[g + f"attn_v.{kind}"] = v
-            out[g + f"attn_output.{kind}"] = sd[ours + f"attn.c_proj.{kind}"]
-            gate, up = sd[ours + f"mlp.c_fc.{kind}"].split(hidden, dim=0)  # rows [gate | up]
-            out[g + f"ffn_gate.{kind}"] = gate
-            out[g + f"ffn_up.{kind}"] = up
-            out[g + f"ffn_down.{kind}"] = sd[ours + f"mlp.c_proj.{kind}"]
-    out["output_norm.weight"] = sd["transformer.ln_f.weight"]
-    if not c.tie_weights:  # tied: llama.cpp reuses token_embd as the output matrix
-        out["output.weight"] = sd["lm_head.weight"]
+    heads = {"q": model.config.n_head, "k": model.config.kv_heads}  # rope rows to interleave
+    out = {}
+    for role, i, kind, t in llama_tensors(model):
+        t = _rope_permute(t, heads[role]) if role in heads else t
+        out[_GGUF_LLAMA[role].format(i=i, kind=kind)] = t
     return out
 
 

@@ -6,6 +6,8 @@ formats know exactly these two families, so both refuse the same models with the
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from tinyllm.errors import TinyLLMError
@@ -54,3 +56,39 @@ def split_qkv(c: ModelConfig, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Our fused c_attn rows are [q (H*D) | k (Hkv*D) | v (Hkv*D)]; works for weight and bias."""
     D = c.head_dim
     return t.split([c.n_head * D, c.kv_heads * D, c.kv_heads * D], dim=0)
+
+
+def llama_tensors(model: Any) -> list[tuple[str, int | None, str, torch.Tensor]]:
+    """A Llama-family GPT's tensors cut the way Llama keeps them, named by role.
+
+    Each entry is (role, layer or None, "weight" | "bias", tensor), in the order both exports
+    write them. Roles: embed, attn_norm, q, k, v, o, ffn_norm, gate, up, down (per layer),
+    final_norm, and head (only when the head is untied). Each export maps the roles to its
+    own names (export.py: Hugging Face; export_gguf.py: llama.cpp, which also permutes q, k).
+    """
+    c, sd = model.config, model.state_dict()
+    hidden = model.transformer.h[0].mlp.hidden
+    out: list[tuple[str, int | None, str, torch.Tensor]] = [
+        ("embed", None, "weight", sd["transformer.wte.weight"])
+    ]
+    kinds = ("weight", "bias") if c.bias else ("weight",)
+    for i in range(c.n_layer):
+        ours = f"transformer.h.{i}."
+        out.append(("attn_norm", i, "weight", sd[ours + "ln_1.weight"]))
+        out.append(("ffn_norm", i, "weight", sd[ours + "ln_2.weight"]))
+        for kind in kinds:
+            q, k, v = split_qkv(c, sd[ours + f"attn.c_attn.{kind}"])
+            gate, up = sd[ours + f"mlp.c_fc.{kind}"].split(hidden, dim=0)  # rows [gate | up]
+            out += [
+                ("q", i, kind, q),
+                ("k", i, kind, k),
+                ("v", i, kind, v),
+                ("o", i, kind, sd[ours + f"attn.c_proj.{kind}"]),
+                ("gate", i, kind, gate),
+                ("up", i, kind, up),
+                ("down", i, kind, sd[ours + f"mlp.c_proj.{kind}"]),
+            ]
+    out.append(("final_norm", None, "weight", sd["transformer.ln_f.weight"]))
+    if not c.tie_weights:  # tied: both formats reuse the embedding as the output matrix
+        out.append(("head", None, "weight", sd["lm_head.weight"]))
+    return out
