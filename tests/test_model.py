@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import ACTIVATIONS, GPT, NORMS, POSITIONS, ModelConfig
@@ -362,46 +363,72 @@ def test_zero_init_proj_makes_every_block_the_identity_and_still_trains():
     assert all(p.std() > 0 for n, p in default.named_parameters() if n.endswith("c_proj.weight"))
 
 
-def test_cpu_bf16_attention_trains_in_fp32(monkeypatch) -> None:
-    """bf16 training on CPU runs the attention kernel in fp32 (its bf16 backward is ~8x
-    slower there), returns bf16, and matches fp32 attention over the same bf16 inputs."""
+class _AttentionKernelDtypes(TorchDispatchMode):
+    """Records the dtype of the query that each attention kernel (forward and backward)
+    actually receives: a dispatch mode sits below autocast, so it sees what really ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if "scaled_dot_product" in name:
+            kind = "backward" if "backward" in name else "forward"
+            q = args[1] if kind == "backward" else args[0]  # backward: (grad_out, q, k, v, ...)
+            self.seen.append((kind, q.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_dtypes(model: GPT, autocast: bool, grad: bool = True) -> set:
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    with _AttentionKernelDtypes() as spy:
+        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+        with amp, torch.set_grad_enabled(grad):
+            logits = model(idx)
+        if grad:
+            logits.float().sum().backward()
+    return set(spy.seen)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(qk_norm=True),  # layernorm keeps q, k in bf16
+        dict(n_kv_head=1),  # GQA/MQA
+        dict(qk_norm=True, norm="rmsnorm"),  # q, k come back fp32 from RMSNorm, v stays bf16
+    ],
+)
+def test_cpu_bf16_training_runs_the_attention_kernel_in_fp32(kw: dict) -> None:
+    """bf16 training on CPU runs the attention kernels, forward and backward, in fp32 (torch's
+    bf16 CPU flash-attention backward is ~8x slower), under bf16-mixed and bf16-true alike;
+    without gradients (generation) the bf16 kernel is kept (its forward is fast). (ALiBi's
+    float mask takes torch's math path, which autocast already runs in fp32.)"""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(ModelConfig(**{**cfg, **kw}))
+    fp32 = {("forward", torch.float32), ("backward", torch.float32)}
+    assert _attention_dtypes(model, autocast=True) == fp32  # bf16-mixed
+    assert _attention_dtypes(model, autocast=True, grad=False) == {("forward", torch.bfloat16)}
+    assert _attention_dtypes(model.to(torch.bfloat16), autocast=False) == fp32  # bf16-true
+
+
+def test_cpu_bf16_attention_matches_fp32_attention_and_returns_bf16() -> None:
     import tinyllm.model.attention as attention
 
-    seen: list[torch.dtype] = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, k, v, **kw):
-        seen.append(q.dtype)
-        return real(q, k, v, **kw)
-
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
     alibi = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)  # an additive float mask
     for mask in (None, alibi):
-        seen.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = attention._sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
-        assert seen == [torch.float32] and y.dtype == torch.bfloat16
+        assert y.dtype == torch.bfloat16
         m32 = None if mask is None else mask.float()
-        ref = real(q.float(), k.float(), v.float(), attn_mask=m32, is_causal=mask is None)
-        torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+        ref = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=m32, is_causal=mask is None
+        )
+        assert torch.equal(y, ref.to(torch.bfloat16))  # the fp32 result, rounded once
         y.float().sum().backward()
         assert q.grad is not None and q.grad.dtype == torch.bfloat16
         q.grad = None
-    # the model under bf16-mixed on CPU (what Lightning's autocast does) takes that path
-    seen.clear()
-    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(torch.randint(0, 64, (2, 16)))
-    logits.float().sum().backward()
-    assert seen == [torch.float32, torch.float32]
-    # without gradients (generation) the bf16 kernel is kept: its forward is fast
-    seen.clear()
-    with torch.no_grad():
-        assert attention._sdpa(q, k, v, is_causal=True).dtype == torch.bfloat16
-    assert seen == [torch.bfloat16]
-    # and an fp32 model is not touched
-    seen.clear()
-    attention._sdpa(q.float(), k.float(), v.float(), is_causal=True)
-    assert seen == [torch.float32]

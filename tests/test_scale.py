@@ -319,6 +319,7 @@ def test_auto_precision_does_not_count_emulated_bf16(monkeypatch):
     "flags, width, expected",
     [
         ("fpu avx2 fma", 4096, "32-true"),  # bf16 emulated: never
+        ("fpu avx2 xamx_bf16_v2", 4096, "32-true"),  # (a made-up flag: whole words only)
         ("fpu avx512f avx512_bf16", 256, "32-true"),  # dot products only: from 512
         ("fpu avx512f avx512_bf16", 512, "bf16-mixed"),
         ("fpu avx512_bf16 amx_bf16 amx_tile", 64, "32-true"),  # AMX tiles: from 128

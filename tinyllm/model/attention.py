@@ -185,9 +185,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tens
     "bf16 on a CPU with AMX"). So when a CPU bf16 attention needs gradients, the attention
     itself runs in fp32 (three casts of (B, H, T, D) tensors) and its output goes back to
     bf16; the projections before and after stay in bf16. Inference keeps the bf16 kernel,
-    whose forward is as fast as fp32's.
+    whose forward is as fast as fp32's. "bf16" means any input in bf16 (bf16-true, or
+    bf16-mixed) or CPU autocast to bf16: under qk_norm with RMSNorm, q and k come back in
+    fp32 and only v is bf16, and autocast would still pick the bf16 kernel.
     """
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not torch.is_grad_enabled():
+    if q.device.type != "cpu" or not torch.is_grad_enabled() or not _cpu_bf16(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, **kw)
     mask = kw.get("attn_mask")
     if mask is not None and mask.is_floating_point():
@@ -195,3 +197,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tens
     with torch.autocast("cpu", enabled=False):  # (autocast would cast the inputs back)
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
     return y.to(torch.bfloat16)
+
+
+def _cpu_bf16(*xs: torch.Tensor) -> bool:
+    """Whether attention over xs would run in bf16 on the CPU (a bf16 input, or autocast)."""
+    if any(x.dtype == torch.bfloat16 for x in xs):
+        return True
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
