@@ -2,7 +2,8 @@
 
 Times a full training step (forward, backward, AdamW) of the GPT at several widths, both
 precisions interleaved in the same process, and prints JSON. The crossover width is the rule
-behind `trainer.precision=auto` on CPU (tinyllm.train.CPU_BF16_MIN_WIDTH).
+behind `trainer.precision=auto` on CPU (CPU_AMX_BF16_MIN_WIDTH and CPU_BF16_MIN_WIDTH in
+tinyllm/hardware.py).
 
     python benchmarks/precision.py [--widths 128 256 512 768] [--steps 10]
 """

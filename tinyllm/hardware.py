@@ -36,10 +36,12 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 
 # On CPUs with bf16 units, bf16 autocast wins once the matrices are large enough for the
 # matmul speed-up to outweigh the casts. With AMX tiles (amx_bf16: Sapphire Rapids and later)
-# benchmarks/precision.py measured bf16 faster at every width from 64 (1.09x) and 1.34-1.42x
-# at 128 (2026-12-03, an AMX Xeon, benchmarks/README.md), so from 128. With avx512_bf16 alone
-# (Cooper Lake, Zen 4: bf16 dot-product instructions, no tiles) the gain is smaller and has
-# not been measured here: 512 stays there, an estimate, until someone runs the script on one.
+# benchmarks/precision.py measured bf16 faster from 64 wide (1.09x; a disturbed 0.94x at 192
+# read 1.49x and 1.65x on reruns) and 1.34-1.42x at 128 (2026-12-03, an AMX Xeon,
+# benchmarks/README.md), so from 128. With avx512_bf16 alone (Cooper Lake, Zen 4: bf16 dot
+# products, no tiles) the gain is smaller and has not been measured here: 512 stays there, an
+# estimate, until someone runs the script on one. /proc/cpuinfo exists on Linux only; elsewhere
+# `auto` picks 32-true on CPU (force bf16-mixed with trainer.precision=bf16-mixed).
 CPU_AMX_BF16_MIN_WIDTH = 128
 CPU_BF16_MIN_WIDTH = 512
 

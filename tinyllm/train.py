@@ -32,7 +32,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tinyllm.errors import TinyLLMError, exit_on_user_error
-from tinyllm.hardware import CPU_BF16_MIN_WIDTH, resolve_precision  # noqa: F401 (re-exported)
+from tinyllm.hardware import (  # noqa: F401 (re-exported)
+    CPU_AMX_BF16_MIN_WIDTH,
+    CPU_BF16_MIN_WIDTH,
+    resolve_precision,
+)
 from tinyllm.launch import (
     clear_launch_env,
     externally_launched,
