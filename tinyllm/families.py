@@ -6,12 +6,10 @@ formats know exactly these two families, so both refuse the same models with the
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.model import ModelConfig
+from tinyllm.model import GPT, ModelConfig
 
 # What each family requires: option -> (required value, how to say it).
 _LLAMA = {"pos": "rope", "norm": "rmsnorm", "activation": "swiglu"}
@@ -58,7 +56,7 @@ def split_qkv(c: ModelConfig, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return t.split([c.n_head * D, c.kv_heads * D, c.kv_heads * D], dim=0)
 
 
-def llama_tensors(model: Any) -> list[tuple[str, int | None, str, torch.Tensor]]:
+def llama_tensors(model: GPT) -> list[tuple[str, int | None, str, torch.Tensor]]:
     """A Llama-family GPT's tensors cut the way Llama keeps them, named by role.
 
     Each entry is (role, layer or None, "weight" | "bias", tensor), in the order both exports
